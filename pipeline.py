@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""JEI-DNN on a frozen backbone, in two stages: extract features once, then train exits from the cache.
+
+    python pipeline.py extract --backbone t2t_vit_14 --dataset cifar100 --data-dir DATA --weights CKPT
+    python pipeline.py costs   --backbone t2t_vit_14 --num-classes 100 --img-size 224 --json
+    python pipeline.py cache info|verify CACHE
+    python pipeline.py train   --cache CACHE --lam 0.5 --out RUN
+    python pipeline.py sweep   --lambdas 0.01:10 --cache CACHE --out RUN
+    python pipeline.py report  RUN
+
+This file is only the command group: every command lives in the package that owns it (extract/cli.py,
+cache/cli.py, heads/cli.py) and imports its heavy dependencies when it runs.
+"""
+import click
+
+from cache.cli import cache_group
+from extract.cli import costs_cmd, extract_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli():
+    """Early-exit heads (JEI-DNN) trained from a feature cache of a frozen backbone."""
+
+
+cli.add_command(extract_cmd)
+cli.add_command(costs_cmd)
+cli.add_command(cache_group)
+
+if __name__ == "__main__":
+    cli()
