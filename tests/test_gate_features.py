@@ -1,0 +1,71 @@
+"""Gate features (appendix 9.9): the numba kernel and the torch path agree, and both are right on hand cases."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from heads.gate_features import gate_features_numpy, gate_features_torch
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _reference(p):
+    """Direct per-statistic numpy implementation, written independently of both paths."""
+    srt = np.sort(p, axis=-1)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    q = p ** 2 / (p ** 2).sum(-1, keepdims=True)
+    qlogq = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+    return np.stack([srt[..., -1], -plogp.sum(-1), -qlogq.sum(-1), srt[..., -1] - srt[..., -2]], axis=-1)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 60.0])            # flat, typical, and peaked (saturated) softmax
+@pytest.mark.parametrize("shape", [(37, 5, 10), (64, 3), (7, 2, 3, 100)])
+def test_numba_and_torch_agree(scale, shape):
+    rng = np.random.default_rng(int(scale * 10) + len(shape))
+    p = _softmax(rng.normal(size=shape) * scale)
+    ref = _reference(p)
+    for dtype in (np.float64, np.float32):
+        x = p.astype(dtype)
+        a = gate_features_numpy(x)
+        b = gate_features_torch(torch.from_numpy(x)).numpy()
+        assert a.shape == shape[:-1] + (4,) and a.dtype == dtype and b.dtype == dtype
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a, ref, atol=1e-5, rtol=0)
+
+
+def test_hand_cases_and_exact_zeros():
+    k = 8
+    one_hot = np.zeros((1, k)); one_hot[0, 3] = 1.0
+    uniform = np.full((1, k), 1.0 / k)
+    two = np.zeros((1, k)); two[0, :2] = [0.75, 0.25]
+    p = np.concatenate([one_hot, uniform, two])
+    h_two = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    q = np.array([0.5625, 0.0625]) / 0.625
+    h_pow_two = -(q * np.log(q)).sum()
+    expected = np.array([[1.0, 0.0, 0.0, 1.0],
+                         [1 / k, math.log(k), math.log(k), 0.0],
+                         [0.75, h_two, h_pow_two, 0.5]])
+    np.testing.assert_allclose(gate_features_numpy(p), expected, atol=1e-12)
+    np.testing.assert_allclose(gate_features_torch(torch.from_numpy(p)).numpy(), expected, atol=1e-12)
+
+
+def test_torch_gradients_finite_at_zero_probability():
+    logits = torch.randn(16, 4, 10, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    p = torch.where(torch.rand_like(p) < 0.3, torch.zeros_like(p), p)
+    p = (p / p.sum(-1, keepdim=True)).detach().requires_grad_(True)
+    feats = gate_features_torch(p)
+    feats.sum().backward()
+    assert torch.isfinite(feats).all() and torch.isfinite(p.grad).all()
+    assert p.grad.abs().sum() > 0
+
+
+def test_rejects_single_class():
+    with pytest.raises(ValueError, match="K >= 2"):
+        gate_features_numpy(np.ones((3, 1)))
+    with pytest.raises(ValueError, match="K >= 2"):
+        gate_features_torch(torch.ones(3, 1))
