@@ -1,0 +1,468 @@
+"""The feature cache on disk: manifest and fingerprint, a resumable writer, a block reader.
+
+One store per extraction (backbone + weights + dataset + transform), zarr v3 (default) or HDF5, same layout:
+
+    <root attributes>     the manifest: format_version, backbone, weights, num_classes, img_size, tokens,
+                          head_is_task_head, exits, dataset, versions, created, plus format, layout, fingerprint
+                          and `complete` (written last)
+    train/ val/ test/     one group per split of N rows
+        features/1 .. L   float16 (N, D_l) -- (N, T, D_l) with tokens="all" -- in chunks of (chunk_rows, ...)
+        labels            int64 (N,)
+        logits            float16 (N, K), only when the backbone's head is the task's head
+        done              uint8 (number of row chunks,): 1 once every array of that row chunk is on disk
+
+Resumption. zarr writes every chunk file atomically (temp file + rename), a chunk's `done` entry is written only
+after all its arrays, and the store itself appears by an atomic rename of a fully laid-out empty store. So a
+process killed at any moment leaves a store whose done chunks are whole; `pending_chunks` lists the rest and a
+rerun rewrites exactly those. HDF5 cannot be written crash-safely in place, so an HDF5 cache is staged as a zarr
+store beside the target (`<name>.h5.partial.zarr`, resumable like any zarr cache) and converted at `finish()`
+into `<name>.h5.partial-h5`, which is then renamed onto the target: the .h5 file either does not exist or is
+complete.
+
+Reading: whole splits are read in large contiguous row blocks (random row reads from zarr/HDF5 are ~100x slower
+than from RAM), into RAM or straight onto a torch device; `iter_blocks` streams splits that do not fit.
+"""
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import zarr
+
+FORMAT_VERSION = 1
+FORMATS = ("zarr", "hdf5")
+DEFAULT_CHUNK_ROWS = 64
+DONE_CHUNK = 4096            # entries per `done` chunk file: few files; one writer thread, so read-modify-write is safe
+BLOCK_BYTES = 64 * 2 ** 20   # target size of one contiguous read
+REQUIRED_FIELDS = ("backbone", "weights", "num_classes", "img_size", "tokens", "head_is_task_head", "exits",
+                   "dataset")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked: missing, incomplete, mismatched or malformed (one-line message)."""
+
+
+# ---------------------------------------------------------------- manifest, identity, fingerprint
+
+def identity(attrs: dict) -> dict:
+    """The fields that decide a cache's content (flat, JSON-able). Storage details (format, chunking) and
+    bookkeeping (created, versions, costs, complete) are not part of it."""
+    ident = {
+        "format_version": attrs.get("format_version"),
+        "backbone": attrs.get("backbone"),
+        "weights.sha256": (attrs.get("weights") or {}).get("sha256"),
+        "num_classes": attrs.get("num_classes"),
+        "img_size": attrs.get("img_size"),
+        "tokens": attrs.get("tokens"),
+        "head_is_task_head": attrs.get("head_is_task_head"),
+        "precision": attrs.get("precision"),
+        "exits": [[e.get("name"), e.get("dim")] for e in attrs.get("exits", [])],
+    }
+    for key, value in sorted((attrs.get("dataset") or {}).items()):
+        ident[f"dataset.{key}"] = value
+    return ident
+
+
+def fingerprint(attrs: dict) -> str:
+    """sha256 of the identity fields: equal fingerprints mean equal arrays, whatever the storage format."""
+    blob = json.dumps(identity(attrs), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _resume_key(attrs: dict) -> dict:
+    """What must match to append to an existing store: the identity plus the storage format and layout."""
+    layout = attrs.get("layout") or {}
+    return {**identity(attrs), "format": attrs.get("format"),
+            **{f"layout.{k}": layout.get(k) for k in ("splits", "chunk_rows", "exit_dims", "with_logits", "tokens")}}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'field: <old> (cache) vs <new> (now)' for every resume-key field that differs."""
+    def short(v):
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+    a, b = _resume_key(old), _resume_key(new)
+    return [f"{k}: {short(a.get(k))} (cache) vs {short(b.get(k))} (now)" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def _check_inputs(manifest: dict, layout: dict) -> dict:
+    """Validates the caller's manifest and layout; returns the layout normalised to plain JSON types."""
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise CacheError(f"manifest lacks {', '.join(missing)}")
+    splits = {str(s): int(n) for s, n in layout["splits"].items()}
+    if any(n < 0 for n in splits.values()):
+        raise CacheError(f"negative split size in {splits}")
+    dims = [int(d) for d in layout["exit_dims"]]
+    if len(dims) != len(manifest["exits"]) or not dims or min(dims) < 1:
+        raise CacheError(f"layout exit_dims {dims} do not match the manifest's {len(manifest['exits'])} exits")
+    if int(layout["num_classes"]) != int(manifest["num_classes"]):
+        raise CacheError(f"layout num_classes {layout['num_classes']} != manifest {manifest['num_classes']}")
+    chunk_rows = int(layout.get("chunk_rows", DEFAULT_CHUNK_ROWS))
+    if chunk_rows < 1:
+        raise CacheError(f"chunk_rows must be positive, got {chunk_rows}")
+    tokens = layout.get("tokens")
+    return {"splits": splits, "exit_dims": dims, "num_classes": int(layout["num_classes"]),
+            "with_logits": bool(layout["with_logits"]), "chunk_rows": chunk_rows,
+            "tokens": None if tokens is None else int(tokens)}
+
+
+def array_specs(layout: dict, split: str) -> dict:
+    """name -> (shape, chunk shape, dtype) of every array of one split."""
+    n, rows, k = layout["splits"][split], layout["chunk_rows"], layout["num_classes"]
+    tok = () if layout["tokens"] is None else (layout["tokens"],)
+    specs = {f"features/{l}": ((n, *tok, d), (rows, *tok, d), "float16")
+             for l, d in enumerate(layout["exit_dims"], start=1)}
+    specs["labels"] = ((n,), (rows,), "int64")
+    if layout["with_logits"]:
+        specs["logits"] = ((n, k), (rows, k), "float16")
+    specs["done"] = ((num_chunks(layout, split),), (DONE_CHUNK,), "uint8")
+    return specs
+
+
+def num_chunks(layout: dict, split: str) -> int:
+    return -(-layout["splits"][split] // layout["chunk_rows"])
+
+
+def row_blocks(n: int, rows: int):
+    """(start, stop) of consecutive row blocks covering n rows."""
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+
+
+def block_rows(layout: dict, row_bytes: int) -> int:
+    """Rows per contiguous read: about BLOCK_BYTES, a whole number of chunks."""
+    rows = layout["chunk_rows"]
+    return max(rows, BLOCK_BYTES // max(row_bytes, 1) // rows * rows)
+
+
+# ---------------------------------------------------------------- opening stores
+
+def staging_path(path: Path) -> Path:
+    """Where an HDF5 cache is built (a zarr store) until finish() converts it."""
+    return path.with_name(path.name + ".partial.zarr")
+
+
+class RawStore:
+    """attrs + arrays of a zarr or HDF5 cache, read-only unless mode='r+' (zarr only)."""
+
+    def __init__(self, path: Path, mode: str = "r"):
+        self.path = Path(path)
+        if (self.path / "zarr.json").is_file():
+            self.kind, self._h5 = "zarr", None
+            self._group = zarr.open_group(self.path, mode=mode)
+            self.attrs = dict(self._group.attrs)
+        elif self.path.is_file() and h5py.is_hdf5(self.path):
+            self.kind, self._group = "hdf5", None
+            self._h5 = h5py.File(self.path, "r")
+            self.attrs = json.loads(self._h5.attrs.get("manifest", "{}"))
+        elif self.path.exists():
+            raise CacheError(f"{self.path} is not a cache (neither a zarr store nor an HDF5 file)")
+        else:
+            raise CacheError(f"no cache at {self.path}")
+        if "format_version" not in self.attrs or "layout" not in self.attrs:
+            self.close()
+            raise CacheError(f"{self.path} is a {self.kind} store but not a feature cache (no manifest)")
+
+    def array(self, name: str):
+        """The array (zarr.Array or h5py.Dataset, both sliced like numpy) or None when missing."""
+        if self._h5 is not None:
+            return self._h5.get(name)
+        return self._group.get(name)
+
+    def set_complete(self):
+        self._group.attrs["complete"] = True
+        self.attrs["complete"] = True
+
+    def close(self):
+        if self._h5 is not None:
+            self._h5.close()
+
+
+def _remove_cache(path: Path):
+    """Deletes a cache (or a staging store) for overwrite; refuses anything that is not one."""
+    if not path.exists():
+        return
+    RawStore(path).close()   # raises CacheError when `path` is not a cache: never delete a stranger's files
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _create_zarr(path: Path, attrs: dict):
+    """Lays out an empty store under a temporary name, then renames it into place (atomic appearance)."""
+    tmp = path.with_name(path.name + ".partial-new")
+    if tmp.exists():
+        shutil.rmtree(tmp)   # a creation killed earlier: ours by name, and never renamed into place
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(tmp, mode="w", attributes=attrs)
+    for split in attrs["layout"]["splits"]:
+        group = root.require_group(split)
+        for name, (shape, chunks, dtype) in array_specs(attrs["layout"], split).items():
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0)
+    os.rename(tmp, path)
+
+
+# ---------------------------------------------------------------- writer
+
+def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", overwrite: bool = False):
+    """Opens the cache at `path` for writing: a new one, or the existing one when its identity matches
+    (else a CacheError naming each differing field). overwrite=True replaces whatever cache is there."""
+    if fmt not in FORMATS:
+        raise CacheError(f"unknown cache format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    layout = _check_inputs(manifest, layout)
+    versions = {"zarr": zarr.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
+                **manifest.get("versions", {})}
+    attrs = {**manifest, "format_version": FORMAT_VERSION, "format": fmt, "layout": layout, "versions": versions,
+             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "complete": False}
+    attrs["fingerprint"] = fingerprint(attrs)
+    store_path = path if fmt == "zarr" else staging_path(path)
+    if overwrite:
+        _remove_cache(path)
+        _remove_cache(store_path)
+    for existing in dict.fromkeys([path, store_path]):
+        if not existing.exists():
+            continue
+        store = RawStore(existing)
+        store.close()
+        diff = differences(store.attrs, attrs)
+        if diff:
+            raise CacheError(f"{existing} was built with other settings ({'; '.join(diff)}); "
+                             "use --overwrite to replace it")
+        if store.attrs.get("complete"):
+            return CacheWriter(path, store_path, store.attrs, complete=True)
+        if existing == path and fmt == "hdf5":
+            raise CacheError(f"{path} is an incomplete HDF5 cache this program did not write; use --overwrite")
+        for stray in existing.rglob("*.partial"):   # zarr's temp files from a write that was killed
+            stray.unlink()
+        return CacheWriter(path, store_path, store.attrs)
+    _create_zarr(store_path, attrs)
+    return CacheWriter(path, store_path, attrs)
+
+
+class CacheWriter:
+    """Writes row chunks of a cache being built; finish() verifies it and marks it complete."""
+
+    def __init__(self, path: Path, store_path: Path, attrs: dict, complete: bool = False):
+        self.path, self.manifest, self.complete = path, attrs, complete
+        self.layout, self.fingerprint = attrs["layout"], attrs["fingerprint"]
+        self.chunk_rows = self.layout["chunk_rows"]
+        self._store_path = store_path
+        if complete and store_path != path and store_path.exists():
+            shutil.rmtree(store_path)   # killed after the HDF5 rename, before the staging store was removed
+        self._store = None if complete else RawStore(store_path, mode="r+")
+
+    def num_rows(self, split: str) -> int:
+        return self.layout["splits"][split]
+
+    def chunk_range(self, split: str, i: int) -> tuple[int, int]:
+        """Rows [start, stop) of chunk i: a fixed function of i, so a chunk always holds the same images."""
+        return i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.num_rows(split))
+
+    def pending_chunks(self, split: str) -> list[int]:
+        if self.complete:
+            return []
+        return np.flatnonzero(self._store.array(f"{split}/done")[:] == 0).tolist()
+
+    def write_chunk(self, split: str, i: int, features: list, labels, logits=None):
+        """Writes one whole row chunk (float16 features and logits, int64 labels), then marks it done."""
+        if self.complete:
+            raise CacheError(f"{self.path} is complete; nothing to write")
+        if split not in self.layout["splits"] or not 0 <= i < num_chunks(self.layout, split):
+            raise CacheError(f"no chunk {i} in split {split!r}")
+        start, stop = self.chunk_range(split, i)
+        specs = array_specs(self.layout, split)
+        where = f"{split} rows {start}:{stop}"
+        if len(features) != len(self.layout["exit_dims"]):
+            raise CacheError(f"{where}: {len(features)} feature arrays for {len(self.layout['exit_dims'])} exits")
+        if (logits is not None) != self.layout["with_logits"]:
+            raise CacheError(f"{where}: logits {'missing' if logits is None else 'given'} but with_logits="
+                             f"{self.layout['with_logits']}")
+        data = {f"features/{l}": f for l, f in enumerate(features, start=1)}
+        data["labels"] = labels
+        if logits is not None:
+            data["logits"] = logits
+        arrays = {}
+        for name, value in data.items():
+            shape, _, dtype = specs[name]
+            value = np.asarray(value)
+            if value.shape != (stop - start, *shape[1:]):
+                raise CacheError(f"{where}: {name} has shape {value.shape}, expected {(stop - start, *shape[1:])}")
+            if dtype == "int64" and not np.issubdtype(value.dtype, np.integer):
+                raise CacheError(f"{where}: labels must be integers, got {value.dtype}")
+            with np.errstate(over="ignore"):   # float16 overflows above 65504: caught just below
+                value = value.astype(dtype, copy=False)
+            if dtype == "float16" and not np.isfinite(value).all():
+                raise CacheError(f"{where}: {name} has NaN/Inf (or values beyond float16 range); not written")
+            arrays[name] = value
+        k = self.layout["num_classes"]
+        if arrays["labels"].size and (arrays["labels"].min() < 0 or arrays["labels"].max() >= k):
+            raise CacheError(f"{where}: labels outside [0, {k})")
+        for name, value in arrays.items():
+            self._store.array(f"{split}/{name}")[start:stop] = value
+        self._store.array(f"{split}/done")[i] = 1   # after the data: a done chunk is always whole
+
+    def finish(self) -> Path:
+        """Verifies every chunk and value, then writes the `complete` flag last; returns the cache's path."""
+        if self.complete:
+            return self.path
+        from .verify import store_problems   # verify builds on this module
+        problems = store_problems(self._store, require_complete=False)
+        if problems:
+            raise CacheError(f"cannot finish {self.path}: {'; '.join(problems[:5])}")
+        if self._store_path == self.path:
+            self._store.set_complete()
+        else:
+            _convert_to_hdf5(self._store, self.path)
+            self._store.close()
+            shutil.rmtree(self._store_path)
+        self.complete = True
+        return self.path
+
+
+def _convert_to_hdf5(src: RawStore, path: Path):
+    """Copies a finished staging store into an HDF5 file under a temporary name, then renames it onto `path`."""
+    tmp = path.with_name(path.name + ".partial-h5")
+    layout = src.attrs["layout"]
+    with h5py.File(tmp, "w") as f:
+        for split in layout["splits"]:
+            for name, (shape, chunks, dtype) in array_specs(layout, split).items():
+                chunks = None if name == "done" or not shape[0] else (min(chunks[0], shape[0]), *chunks[1:])
+                out = f.create_dataset(f"{split}/{name}", shape=shape, dtype=dtype, chunks=chunks)
+                a = src.array(f"{split}/{name}")
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+                for start, stop in row_blocks(shape[0], block_rows(layout, row_bytes)):
+                    out[start:stop] = a[start:stop]
+        f.attrs["manifest"] = json.dumps({**src.attrs, "complete": True})   # the flag, after all the data
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reader
+
+@dataclass(frozen=True)
+class SplitArrays:
+    features: list          # one tensor per exit: (N, D_l), or (N, T, D_l) with tokens="all"
+    labels: torch.Tensor    # int64 (N,)
+    logits: torch.Tensor | None   # (N, K) when the backbone's head is the task's head
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+
+class Cache:
+    """A complete cache, read-only. Use as a context manager (or call close()) to release an HDF5 file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists() and staging_path(self.path).exists():
+            raise CacheError(f"{self.path} is incomplete (its extraction is unfinished; rerun the same extract "
+                             "command to resume)")
+        self._store = RawStore(self.path)
+        self.manifest = self._store.attrs
+        if self.manifest["format_version"] != FORMAT_VERSION:
+            self.close()
+            raise CacheError(f"{self.path} has cache format version {self.manifest['format_version']}; "
+                             f"this program reads version {FORMAT_VERSION}")
+        if not self.manifest.get("complete"):
+            self.close()
+            raise CacheError(f"{self.path} is incomplete (rerun the same extract command to resume it)")
+        self.layout, self.fingerprint, self.format = self.manifest["layout"], self.manifest["fingerprint"], \
+            self._store.kind
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.layout["splits"])
+
+    @property
+    def exit_dims(self) -> list[int]:
+        return list(self.layout["exit_dims"])
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout["num_classes"]
+
+    def num_rows(self, split: str) -> int:
+        self._check_split(split)
+        return self.layout["splits"][split]
+
+    def load_split(self, split: str, device="cpu", dtype=torch.float32) -> SplitArrays:
+        """The whole split in memory (RAM or a torch device), read in large contiguous blocks."""
+        self._check_split(split)
+        return self._read(split, 0, self.layout["splits"][split], device, dtype)
+
+    def iter_blocks(self, split: str, rows: int | None = None, device="cpu", dtype=torch.float32):
+        """Yields (start, SplitArrays) over consecutive row blocks, for splits that do not fit in memory.
+        `rows` defaults to about 64 MiB of float16 data per block (a whole number of chunks)."""
+        self._check_split(split)
+        n = self.layout["splits"][split]
+        row_bytes = 2 * sum(d * (self.layout["tokens"] or 1) for d in self.exit_dims)
+        for start, stop in row_blocks(n, rows or block_rows(self.layout, row_bytes)):
+            yield start, self._read(split, start, stop, device, dtype)
+
+    def _read(self, split, start, stop, device, dtype) -> SplitArrays:
+        specs = array_specs(self.layout, split)
+        out = {}
+        for name, (shape, _, _) in specs.items():
+            if name == "done":
+                continue
+            a = self._store.array(f"{split}/{name}")
+            if name == "labels":
+                out[name] = torch.from_numpy(np.asarray(a[start:stop])).to(device)
+                continue
+            t = torch.empty((stop - start, *shape[1:]), dtype=dtype, device=device)
+            row_bytes = 2 * int(np.prod(shape[1:], dtype=np.int64))
+            for a0, a1 in row_blocks(stop - start, block_rows(self.layout, row_bytes)):
+                t[a0:a1].copy_(torch.from_numpy(np.asarray(a[start + a0:start + a1])))
+            out[name] = t
+        feats = [out[f"features/{l}"] for l in range(1, len(self.exit_dims) + 1)]
+        return SplitArrays(features=feats, labels=out["labels"], logits=out.get("logits"))
+
+    def _check_split(self, split):
+        if split not in self.layout["splits"]:
+            raise CacheError(f"no split {split!r} in {self.path} (has {', '.join(self.layout['splits'])})")
+
+    def close(self):
+        self._store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_cache(path) -> Cache:
+    """Opens a complete cache for reading; refuses incomplete caches and unknown format versions."""
+    return Cache(path)
+
+
+def find_default_cache(root="cache") -> Path:
+    """The single complete cache under `root` (extract's default output folder); else a CacheError."""
+    root = Path(root)
+    found = []
+    for p in sorted(root.glob("*")) if root.is_dir() else []:
+        if p.suffix not in (".zarr", ".h5") or ".partial" in p.name:
+            continue
+        try:
+            store = RawStore(p)
+        except CacheError:
+            continue
+        store.close()
+        if store.attrs.get("complete"):
+            found.append(p)
+    if not found:
+        raise CacheError(f"no complete cache under {root}/ (run `python pipeline.py extract ...` or pass --cache)")
+    if len(found) > 1:
+        raise CacheError(f"several complete caches under {root}/ ({', '.join(p.name for p in found)}); "
+                         "pass --cache to choose one")
+    return found[0]

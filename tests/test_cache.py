@@ -1,0 +1,270 @@
+"""The feature cache with hand-made arrays: round trips (zarr, HDF5), resumption after a crash, identity
+refusal, write-time checks, verification, the reader's blocks, find_default_cache and the `cache` CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from cache.cli import cache_group
+from cache.store import (CacheError, create_or_resume, find_default_cache, fingerprint, open_cache,
+                         staging_path)
+from cache.verify import verify_cache
+
+K, DIMS, ROWS = 3, [4, 6], 4
+SPLITS = {"train": 10, "val": 5, "test": 0}
+
+
+def manifest(**changes):
+    m = {"backbone": "tiny", "weights": {"path": None, "sha256": "ab" * 32, "source": "test"}, "num_classes": K,
+         "img_size": 32, "tokens": "cls", "head_is_task_head": True,
+         "exits": [{"exit": l + 1, "name": f"blocks.{l}", "dim": d, "cumulative_backbone_macs": 100 * (l + 1),
+                    "represent_macs": 5, "cumulative_total_macs": 110 * (l + 1)} for l, d in enumerate(DIMS)],
+         "dataset": {"name": "toy", "split_seed": 0, "sizes": dict(SPLITS)}}
+    for key, value in changes.items():
+        if key.startswith("dataset."):
+            m["dataset"] = {**m["dataset"], key.split(".", 1)[1]: value}
+        else:
+            m[key] = value
+    return m
+
+
+def layout(**changes):
+    return {"splits": dict(SPLITS), "exit_dims": list(DIMS), "num_classes": K, "with_logits": True,
+            "chunk_rows": ROWS, "tokens": None, **changes}
+
+
+def make_data(seed=0, tokens=None):
+    """Per split: features per exit (float16-exact values), labels, logits."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in SPLITS.items():
+        tok = () if tokens is None else (tokens,)
+        feats = [rng.standard_normal((n, *tok, d)).astype(np.float16) for d in DIMS]
+        out[split] = (feats, rng.integers(0, K, n), rng.standard_normal((n, K)).astype(np.float16))
+    return out
+
+
+def write(writer, data, chunks=None):
+    for split, (feats, labels, logits) in data.items():
+        for i in writer.pending_chunks(split) if chunks is None else chunks.get(split, []):
+            a, b = writer.chunk_range(split, i)
+            writer.write_chunk(split, i, [f[a:b] for f in feats], labels[a:b], logits[a:b])
+
+
+def assert_holds(path, data):
+    with open_cache(path) as cache:
+        for split, (feats, labels, logits) in data.items():
+            arrays = cache.load_split(split)
+            assert arrays.num_rows == len(labels)
+            for got, want in zip(arrays.features, feats):
+                assert got.dtype == torch.float32
+                np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+            np.testing.assert_array_equal(arrays.labels.numpy(), labels)
+            np.testing.assert_array_equal(arrays.logits.numpy(), logits.astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_round_trip_in_any_chunk_order(tmp_path, fmt):
+    data = make_data()
+    path = tmp_path / ("c.zarr" if fmt == "zarr" else "c.h5")
+    w = create_or_resume(path, manifest(), layout(), fmt=fmt)
+    assert w.pending_chunks("train") == [0, 1, 2] and w.pending_chunks("test") == []
+    write(w, data, {"train": [2, 0], "val": [1, 0]})
+    assert w.pending_chunks("train") == [1]
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(path)
+    write(w, data)
+    assert w.finish() == path
+    assert verify_cache(path) == []
+    assert_holds(path, data)
+    if fmt == "hdf5":
+        assert path.is_file() and not staging_path(path).exists()
+
+
+def test_zarr_and_hdf5_hold_identical_arrays_and_fingerprints(tmp_path):
+    data = make_data(1)
+    paths = []
+    for fmt, name in (("zarr", "a.zarr"), ("hdf5", "a.h5")):
+        w = create_or_resume(tmp_path / name, manifest(), layout(), fmt=fmt)
+        write(w, data)
+        paths.append(w.finish())
+    with open_cache(paths[0]) as z, open_cache(paths[1]) as h:
+        assert (z.format, h.format) == ("zarr", "hdf5")
+        assert z.fingerprint == h.fingerprint   # the fingerprint names the content, not the storage
+        for split in SPLITS:
+            a, b = z.load_split(split), h.load_split(split)
+            for x, y in zip(a.features + [a.labels, a.logits], b.features + [b.labels, b.logits]):
+                assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_resume_after_a_crash_rewrites_only_unfinished_chunks(tmp_path, fmt):
+    data = make_data(2)
+    ref = create_or_resume(tmp_path / "ref.zarr", manifest(), layout())
+    write(ref, data)
+    ref.finish()
+
+    path = tmp_path / ("c.zarr" if fmt == "zarr" else "c.h5")
+    w = create_or_resume(path, manifest(), layout(), fmt=fmt)
+    write(w, data, {"train": [0, 2]})
+    # A crash mid-chunk: chunk 1's first exit on disk with garbage, its `done` entry never written, and a
+    # temp file of zarr's atomic write left behind.
+    store = staging_path(path) if fmt == "hdf5" else path
+    zarr.open_group(store, mode="r+")["train/features/1"][4:8] = np.full((4, DIMS[0]), 7, np.float16)
+    stray = store / "train" / "features" / "1" / "c" / "1" / "0.deadbeef.partial"
+    stray.write_bytes(b"half")
+    del w
+
+    w = create_or_resume(path, manifest(), layout(), fmt=fmt)
+    assert not stray.exists()
+    assert w.pending_chunks("train") == [1] and w.pending_chunks("val") == [0, 1]
+    write(w, data)
+    w.finish()
+    assert verify_cache(path) == []
+    assert_holds(path, data)
+    if fmt == "zarr":   # chunk files byte-identical to the uninterrupted store
+        for f in sorted(p for p in (tmp_path / "ref.zarr").rglob("*") if p.is_file() and "c" in p.parts):
+            assert (path / f.relative_to(tmp_path / "ref.zarr")).read_bytes() == f.read_bytes(), f
+    # Resuming a complete cache is a no-op.
+    again = create_or_resume(path, manifest(), layout(), fmt=fmt)
+    assert again.complete and again.pending_chunks("train") == [] and again.finish() == path
+
+
+def test_refuses_a_different_identity_naming_each_field(tmp_path):
+    path = tmp_path / "c.zarr"
+    w = create_or_resume(path, manifest(), layout())
+    write(w, make_data(), {"train": [0]})
+    with pytest.raises(CacheError) as err:
+        create_or_resume(path, manifest(backbone="other", **{"dataset.split_seed": 1}), layout())
+    msg = str(err.value)
+    assert "backbone" in msg and "dataset.split_seed" in msg and "tokens" not in msg and "\n" not in msg
+    with pytest.raises(CacheError, match="weights.sha256"):
+        create_or_resume(path, manifest(weights={"sha256": "cd" * 32}), layout())
+    with pytest.raises(CacheError, match="layout.chunk_rows"):
+        create_or_resume(path, manifest(), layout(chunk_rows=8))
+    with pytest.raises(CacheError, match="format"):
+        create_or_resume(path, manifest(), layout(), fmt="hdf5")   # a .zarr path holding a zarr cache
+    w = create_or_resume(path, manifest(backbone="other"), layout(), overwrite=True)
+    assert w.pending_chunks("train") == [0, 1, 2] and w.manifest["backbone"] == "other"
+
+
+def test_overwrite_never_deletes_something_that_is_not_a_cache(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("x")
+    with pytest.raises(CacheError, match="not a cache"):
+        create_or_resume(tmp_path / "mine", manifest(), layout(), overwrite=True)
+    assert (tmp_path / "mine" / "precious.txt").exists()
+
+
+def test_fingerprint_covers_content_not_bookkeeping():
+    base = {**manifest(), "format_version": 1}
+    fp = fingerprint(base)
+    assert fingerprint({**base, "created": "now", "versions": {"x": 1}, "complete": True, "format": "hdf5"}) == fp
+    assert fingerprint({**base, "img_size": 64}) != fp
+    assert fingerprint({**base, "dataset": {**base["dataset"], "split_seed": 3}}) != fp
+
+
+def test_write_chunk_refuses_bad_values_and_writes_nothing(tmp_path):
+    data = make_data()
+    w = create_or_resume(tmp_path / "c.zarr", manifest(), layout())
+    feats, labels, logits = data["train"]
+    good = ([f[:4] for f in feats], labels[:4], logits[:4])
+    nan = [feats[0][:4].copy(), feats[1][:4]]
+    nan[0][1, 2] = np.nan
+    with pytest.raises(CacheError, match="NaN/Inf"):
+        w.write_chunk("train", 0, nan, *good[1:])
+    with pytest.raises(CacheError, match="float16"):   # 1e6 overflows float16 to inf
+        w.write_chunk("train", 0, [good[0][0].astype(np.float32) * 0 + 1e6, good[0][1]], *good[1:])
+    with pytest.raises(CacheError, match=r"labels outside \[0, 3\)"):
+        w.write_chunk("train", 0, good[0], good[1] + K, good[2])
+    with pytest.raises(CacheError, match="shape"):
+        w.write_chunk("train", 0, [good[0][0][:3], good[0][1]], *good[1:])
+    with pytest.raises(CacheError, match="logits missing"):
+        w.write_chunk("train", 0, good[0], good[1])
+    assert w.pending_chunks("train") == [0, 1, 2]
+    with pytest.raises(CacheError, match="chunks not done"):
+        w.finish()
+
+
+def finished(tmp_path, name="c.zarr", **kw):
+    w = create_or_resume(tmp_path / name, manifest(), layout(**kw))
+    write(w, make_data(tokens=kw.get("tokens")))
+    return w.finish()
+
+
+def test_verify_catches_nan_labels_and_incomplete(tmp_path):
+    path = finished(tmp_path)
+    group = zarr.open_group(path, mode="r+")
+    group["train/features/2"][7, 3] = np.inf
+    group["val/logits"][1, 0] = np.nan
+    group["val/labels"][3] = K
+    group["train/done"][1] = 0
+    problems = verify_cache(path)
+    assert any("train/features/2: 1 NaN/Inf values (first at row 7)" in p for p in problems)
+    assert any("val/logits: 1 NaN/Inf" in p for p in problems)
+    assert any("val/labels: 1 labels outside [0, 3) (first at row 3)" in p for p in problems)
+    assert any("train: 1 of 3 chunks not done (1)" in p for p in problems)
+    assert not any("incomplete" in p for p in problems)
+
+    w = create_or_resume(tmp_path / "half.zarr", manifest(), layout())
+    write(w, make_data(), {"train": [0]})
+    problems = verify_cache(tmp_path / "half.zarr")
+    assert any(p.startswith("incomplete") for p in problems) and any("2 of 3 chunks" in p for p in problems)
+    w = create_or_resume(tmp_path / "half.h5", manifest(), layout(), fmt="hdf5")
+    assert verify_cache(tmp_path / "half.h5")[0].startswith("incomplete")
+    assert verify_cache(tmp_path / "nothing.zarr") == [f"no cache at {tmp_path / 'nothing.zarr'}"]
+
+
+def test_open_refuses_unknown_version_and_tampered_manifest(tmp_path):
+    path = finished(tmp_path)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["img_size"] = 999
+    assert any("fingerprint" in p for p in verify_cache(path))
+    group.attrs["format_version"] = 99
+    with pytest.raises(CacheError, match="format version 99"):
+        open_cache(path)
+
+
+def test_reader_blocks_and_token_layout(tmp_path):
+    path = finished(tmp_path, tokens=5)
+    with open_cache(path) as cache:
+        whole = cache.load_split("train", dtype=torch.float16)
+        assert [f.shape for f in whole.features] == [(10, 5, 4), (10, 5, 6)]
+        assert whole.features[0].dtype == torch.float16
+        blocks = list(cache.iter_blocks("train", rows=4))
+        assert [start for start, _ in blocks] == [0, 4, 8]
+        for l in range(2):
+            assert torch.equal(torch.cat([b.features[l] for _, b in blocks]), whole.features[l].float())
+        assert torch.equal(torch.cat([b.labels for _, b in blocks]), whole.labels)
+        assert cache.load_split("test").num_rows == 0
+        with pytest.raises(CacheError, match="no split 'nope'"):
+            cache.load_split("nope")
+
+
+def test_find_default_cache(tmp_path):
+    with pytest.raises(CacheError, match="no complete cache"):
+        find_default_cache(tmp_path)
+    create_or_resume(tmp_path / "unfinished.zarr", manifest(), layout())
+    one = finished(tmp_path, "one.zarr")
+    assert find_default_cache(tmp_path) == one
+    finished(tmp_path, "two.zarr")
+    with pytest.raises(CacheError, match="several complete caches.*one.zarr, two.zarr"):
+        find_default_cache(tmp_path)
+
+
+def test_cache_cli_info_and_verify(tmp_path):
+    path = finished(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cache_group, ["info", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "complete" in res.output and "blocks.1" in res.output and "0.5000" in res.output
+    res = runner.invoke(cache_group, ["info", "--json", str(path)])
+    assert json.loads(res.output)["fingerprint"] == open_cache(path).fingerprint
+    res = runner.invoke(cache_group, ["verify", str(path)])
+    assert res.exit_code == 0 and res.output.startswith("ok")
+    zarr.open_group(path, mode="r+")["train/labels"][0] = -1
+    res = runner.invoke(cache_group, ["verify", str(path)])
+    assert res.exit_code == 1 and "problem: train/labels: 1 labels outside" in res.output
