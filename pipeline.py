@@ -4,6 +4,7 @@
     python pipeline.py extract --backbone t2t_vit_14 --dataset cifar100 --data-dir DATA --weights CKPT
     python pipeline.py costs   --backbone t2t_vit_14 --num-classes 100 --img-size 224 --json
     python pipeline.py cache info|verify CACHE
+    python pipeline.py finetune --backbone t2t_vit_14 --weights CKPT --dataset cifar100 --out TUNED.pth
     python pipeline.py train   --cache CACHE --lam 0.5 --out RUN
     python pipeline.py sweep   --lambdas 0.01:10 --cache CACHE --out RUN
     python pipeline.py report  RUN
@@ -15,6 +16,7 @@ import click
 
 from cache.cli import cache_group
 from extract.cli import costs_cmd, extract_cmd
+from extract.finetune_cli import finetune_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -25,6 +27,7 @@ def cli():
 cli.add_command(extract_cmd)
 cli.add_command(costs_cmd)
 cli.add_command(cache_group)
+cli.add_command(finetune_cmd)
 
 if __name__ == "__main__":
     cli()
