@@ -18,6 +18,10 @@ import numba
 import numpy as np
 import torch
 
+# numba's default OpenMP layer shares libgomp with torch and resets torch's thread count on its first parallel
+# call; the workqueue layer is numba's own and leaves torch alone. Must be set before the first parallel launch.
+numba.config.THREADING_LAYER = "workqueue"
+
 FEATURE_NAMES = ("max_prob", "entropy", "entropy_pow", "margin")
 
 

@@ -1,0 +1,82 @@
+"""Exit probabilities, exit decisions and gate targets of JEI-DNN (paper sections 4-4.1, appendix 9.15).
+
+    p_g = exit_distribution(g)                 # gates g^1..g^{L-1} in [0, 1] -> P(G = l | x), l = 1..L
+    exit_index = exit_decision(p_g)            # 0-based exit each sample takes (first P(E^l | x) > 0.5)
+    t = gate_targets(costs, rule="subsequent") # binary targets of gates 1..L-1 from per-exit costs C^l
+
+All three work on any leading batch shape (trials, samples, ...); the exit axis is the last one.
+"""
+import torch
+
+TARGET_RULES = ("subsequent", "ifmin")
+
+
+def exit_distribution(g: torch.Tensor) -> torch.Tensor:
+    """(..., L-1) gate outputs in [0, 1] -> (..., L) exit probabilities P(G = l | x) that sum to 1.
+
+    The last gate is g^L = 1. Once the running sum of the g^j passes 1 the remaining entries of eq. 8 are
+    negative; clamping them at 0 keeps a distribution (the entry where the sum crosses 1 takes exactly what is left).
+    """
+    if g.dim() < 1 or g.shape[-1] < 1:
+        raise ValueError(f"exit_distribution needs gate outputs of shape (..., L-1) with L >= 2, got {tuple(g.shape)}")
+    g_full = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
+    mass_before = torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
+    # eqs. 7-8: P(G=1) = g^1, P(G=l) = min(g^l, 1 - sum_{j<l} g^j)
+    return torch.minimum(g_full, 1.0 - mass_before).clamp_min(0.0)
+
+
+def exit_probabilities(p_g: torch.Tensor) -> torch.Tensor:
+    """(..., L) P(G = l | x) -> (..., L) P(E^l | x), inverting eq. 4.
+
+    P(E^l) = P(G=l) / (1 - sum_{j<l} P(G=j)); the denominator is computed as the mass still left at l,
+    sum_{j>=l} P(G=j), which is exact and never negative. Where nothing is left (0/0) the sample would already
+    have exited, and P(E^l) = 1 says so; P(E^L) = 1 always.
+    """
+    remaining = torch.flip(torch.cumsum(torch.flip(p_g, [-1]), dim=-1), [-1])
+    p_e = torch.where(remaining > 0, p_g / torch.where(remaining > 0, remaining, torch.ones_like(remaining)),
+                      torch.ones_like(p_g))
+    p_e = p_e.clamp(0.0, 1.0)
+    p_e[..., -1] = 1.0
+    return p_e
+
+
+def exit_decision(p_g: torch.Tensor, threshold: float = 0.5, sample: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(..., L) P(G | x) -> (...,) int64, the 0-based exit taken: the first l with P(E^l | x) > threshold (eq. 3),
+    or, with sample=True, the first l whose Bernoulli draw e^l ~ P(E^l | x) is 1. The last exit always fires."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"exit threshold must lie in [0, 1], got {threshold}")
+    p_e = exit_probabilities(p_g)
+    if sample:
+        fire = torch.rand(p_e.shape, generator=generator, device=p_e.device, dtype=p_e.dtype) < p_e
+    else:
+        fire = p_e > threshold
+    fire[..., -1] = True
+    # argmax over a bool tensor returns the first True
+    return torch.argmax(fire.to(torch.uint8), dim=-1)
+
+
+def gate_targets(costs: torch.Tensor, rule: str = "subsequent") -> torch.Tensor:
+    """(..., L) per-exit costs C^l -> (..., L-1) float 0/1 targets of gates 1..L-1 (appendix 9.15).
+
+    "subsequent" (eq. 31, ExitSubsequent): t^l = 1 for l >= l* = argmin_l C^l (first minimum), else 0.
+    "ifmin" (eq. 32, ExitIfMin): t^l = 1 where no later exit reaches a strictly lower cost,
+        t^l = [C^l <= min_{j>l} C^j].
+    Reading of eq. 32: its printed cases are identical to eq. 31; the text defines the rule ("only set a gate's
+    target to 1 if there is no later IM that reaches a lower cost") and gives t = 0,0,1,0,1,1 as an example. The
+    rule above gives t^{l*} = 1 (l* is the global minimum), 0 before l* (l* itself is strictly cheaper, since
+    argmin takes the first minimum), and after l* a 1 exactly where the exit is a running minimum from the right.
+    Ties count as "not lower", so a later exit of equal cost does not switch a gate off.
+    """
+    if rule not in TARGET_RULES:
+        raise ValueError(f"unknown gate target rule {rule!r}; choose one of {', '.join(TARGET_RULES)}")
+    if costs.dim() < 1 or costs.shape[-1] < 2:
+        raise ValueError(f"gate_targets needs costs of shape (..., L) with L >= 2, got {tuple(costs.shape)}")
+    n_exits = costs.shape[-1]
+    if rule == "subsequent":
+        best = torch.argmin(costs, dim=-1, keepdim=True)
+        gates = torch.arange(n_exits - 1, device=costs.device)
+        return (gates >= best).to(costs.dtype)
+    later = costs[..., 1:]
+    later_min = torch.flip(torch.cummin(torch.flip(later, [-1]), dim=-1).values, [-1])  # min_{j>l} C^j
+    return (costs[..., :-1] <= later_min).to(costs.dtype)

@@ -1,0 +1,464 @@
+"""JEI-DNN training from cached features: a lambda-independent warm-up, then the bi-level phase (Algorithm 1) for
+a whole stack of trials (lambdas, and per-trial lr / weight decay / warm-up epochs) in one pass.
+
+    data = make_train_data(open_cache("cache/x"))
+    trials = [{"lam": lam} for lam in (0.01, 0.1, 1.0)]
+    warm = warmup(data, settings, trials=trials)       # once, for every (lr, weight_decay) the trials use
+    heads = train_stack(data, warm, trials, settings)  # StackedHeads, one best-on-V2 state per trial
+
+Design decisions (the paper leaves them open):
+- Warm-up loss (eq. 17): IM l's cross-entropy weighted by (L - l); lr_0 of eq. 17 is the optimiser's lr. A trained
+  last head (cache head is not the task's head) gets weight 1 (eq. 17 would give it 0). With Adam a constant loss
+  scale mostly cancels; what remains is the relative strength of the (coupled, L2) weight decay.
+  Early stopping per IM on V2 accuracy: the snapshot after warm-up epoch w holds, per IM, its best epoch <= w, so a
+  grid over warm-up epochs needs one warm-up pass.
+- CLASSIFIER loss (eq. 30): mean over the batch of sum_l P(G=l|x) CE_l, P detached. Normalising per exit by
+  sum_b P(G=l|x_b) would cancel the weighting (the authors' public code did that), which is what im_loss="uniform"
+  (weights all 1) reproduces. full_gradient (eq. 29) keeps the gradient through the gate inputs:
+  mean_b sum_l P(G=l|x) (CE_l + lam IC_norm^l), the gate parameters themselves left out of the graph.
+- GATE loss (eq. 16): sum over gates of the batch-mean BCE with pos_weight = n_neg / n_pos of that gate's targets
+  on V1, recomputed at the start of every epoch and clipped to [1/100, 100] (also when a class is absent).
+- The state flips every bi_switch batches, counted over the whole bi-level phase (not reset per epoch); the first
+  state is GATE.
+- Early stopping of each trial on the V2 value of its own objective (eq. 5 at the exit actually taken):
+  mean(CE at the exit taken + lam IC_norm at that exit), deterministic exits (P(E^l|x) > 0.5). V2 accuracy alone
+  would reward spending more compute than lam asks for. The best state per trial is kept; a trial that stopped is
+  frozen (learning rate 0). A trial with w warm-up epochs gets max_epochs - w bi-level epochs (Algorithm 1).
+- Reproducibility: initial weights are drawn once and repeated over the trials; batch orders come from generators
+  shared by the stack; so a trial trained in a stack matches the same trial trained alone (up to float rounding).
+"""
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from heads.exits import TARGET_RULES, exit_decision, exit_distribution, gate_targets
+from heads.model import StackedHeads
+
+IM_LOSSES = ("weighted", "uniform")
+POS_WEIGHT_CLIP = 100.0
+EVAL_CHUNK = 512
+TRIAL_KEYS = ("lam", "lr", "weight_decay", "warmup_epochs")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Appendix 9.1.2 defaults (Adam, lr 0.01, weight decay 5e-4, batch 64, 15 epochs for CIFAR-10/SVHN)."""
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    max_epochs: int = 15          # warm-up + bi-level epochs (Algorithm 1: e in WE..E)
+    warmup_epochs: int = 2        # the paper searches {1, ..., E/2}
+    bi_switch: int = 200          # batches between GATE <-> CLASSIFIER switches
+    patience: int = 4             # bi-level epochs without a better V2 objective before a trial stops
+    targets: str = "subsequent"   # gate targets: "subsequent" (eq. 31) or "ifmin" (eq. 32)
+    full_gradient: bool = False   # JEI-DNN-FULL (eq. 29)
+    im_loss: str = "weighted"     # "weighted" (eq. 30) or "uniform" (plain CE, the authors' code in effect)
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if self.batch_size < 1 or self.bi_switch < 1 or self.patience < 1:
+            raise ValueError("batch_size, bi_switch and patience must be >= 1")
+        if not 0 <= self.warmup_epochs < self.max_epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, max_epochs), got {self.warmup_epochs} "
+                             f"with max_epochs {self.max_epochs}")
+        if self.targets not in TARGET_RULES:
+            raise ValueError(f"unknown targets {self.targets!r}; choose one of {', '.join(TARGET_RULES)}")
+        if self.im_loss not in IM_LOSSES:
+            raise ValueError(f"unknown im_loss {self.im_loss!r}; choose one of {', '.join(IM_LOSSES)}")
+        if self.full_gradient and self.im_loss != "weighted":
+            raise ValueError("full_gradient (eq. 29) differentiates the weighted loss: it needs im_loss='weighted'")
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+@dataclass
+class SplitTensors:
+    features: list[torch.Tensor]   # per exit (N, D_l) float32, contiguous
+    labels: torch.Tensor           # (N,) int64
+    logits: torch.Tensor | None    # (N, K) float32: frozen last-exit logits, None when the last head is trained
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def rows(self, idx) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """One mini-batch: idx is a slice or ONE index tensor shared by every exit (and every trial)."""
+        return ([f[idx] for f in self.features], self.labels[idx],
+                None if self.logits is None else self.logits[idx])
+
+
+@dataclass
+class TrainData:
+    train: SplitTensors
+    v1: SplitTensors      # first half of "val": class-imbalance ratios of the gate targets
+    v2: SplitTensors      # second half of "val": early stopping
+    ic_norm: torch.Tensor  # (L,) IC^l / IC^L (eq. 18 costs from the cache manifest)
+    num_classes: int
+
+    def __post_init__(self):
+        n_exits = self.ic_norm.shape[0]
+        for name in ("train", "v1", "v2"):
+            split = getattr(self, name)
+            if len(split) == 0:
+                raise ValueError(f"the {name} split is empty")
+            if len(split.features) != n_exits:
+                raise ValueError(f"{name} has {len(split.features)} exits' features, costs give {n_exits} exits")
+            if (split.logits is None) != (self.train.logits is None):
+                raise ValueError("frozen last-exit logits must be present in all splits or in none")
+            if int(split.labels.min()) < 0 or int(split.labels.max()) >= self.num_classes:
+                raise ValueError(f"{name} labels fall outside 0..{self.num_classes - 1}")
+
+    @property
+    def exit_dims(self) -> list[int]:
+        return [f.shape[1] for f in self.train.features]
+
+    @property
+    def trains_last(self) -> bool:
+        return self.train.logits is None
+
+
+def make_train_data(cache, device="cpu") -> TrainData:
+    """Load train and val of a cache into memory as float32; val is halved in stored order into V1 and V2."""
+    manifest = cache.manifest
+    costs = torch.tensor([float(e["cumulative_total_macs"]) for e in manifest["exits"]], dtype=torch.float64)
+    if costs.numel() < 2 or bool((costs <= 0).any()):
+        raise ValueError(f"the cache manifest needs >= 2 exits with positive cumulative_total_macs, got {costs.tolist()}")
+    head_is_task = bool(manifest["head_is_task_head"])
+
+    def load(split):
+        arrays = cache.load_split(split, device=device)
+        if head_is_task and arrays.logits is None:
+            raise ValueError(f"the cache says its head is the task's head but its {split} split has no logits")
+        feats = [f.to(device=device, dtype=torch.float32).contiguous() for f in arrays.features]
+        logits = arrays.logits.to(device=device, dtype=torch.float32).contiguous() if head_is_task else None
+        return SplitTensors(feats, arrays.labels.to(device=device, dtype=torch.int64), logits)
+
+    val = load("val")
+    half = len(val) // 2
+    if half == 0:
+        raise ValueError("the val split needs at least 2 rows to be halved into V1 and V2")
+
+    def part(sl):
+        return SplitTensors([f[sl].contiguous() for f in val.features], val.labels[sl].contiguous(),
+                            None if val.logits is None else val.logits[sl].contiguous())
+
+    return TrainData(load("train"), part(slice(0, half)), part(slice(half, None)),
+                     (costs / costs[-1]).to(device=device, dtype=torch.float32), int(manifest["num_classes"]))
+
+
+# ---- losses ------------------------------------------------------------------------------------------------------
+def exit_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(T, B, L, K) logits, (B,) labels -> (T, B, L) per-sample cross-entropy of every exit."""
+    picked = logits.gather(-1, labels[None, :, None, None].expand(*logits.shape[:-1], 1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - picked
+
+
+def exit_costs(ce: torch.Tensor, lam: torch.Tensor, ic_norm: torch.Tensor) -> torch.Tensor:
+    """C^l = CE(y, p^l) + lam IC_norm^l (section 4.1), (T, B, L)."""
+    return ce + lam[:, None, None] * ic_norm[None, None, :]
+
+
+def warmup_loss(heads: StackedHeads, feats, labels, last_logits) -> torch.Tensor:
+    """Eq. 17: sum over trained IMs of (L - l) CE_l, batch mean, summed over trials (a trained last head: weight 1)."""
+    ce = exit_cross_entropy(heads.im_logits(feats, last_logits), labels)
+    n_exits = ce.shape[-1]
+    weight = torch.arange(n_exits, 0, -1, device=ce.device, dtype=ce.dtype) - 1.0   # L - l for l = 1..L
+    weight[-1] = 1.0 if heads.trains_last else 0.0
+    return (ce * weight).sum(-1).mean(-1).sum()
+
+
+def gate_loss(heads: StackedHeads, feats, labels, last_logits, lam, ic_norm, rule, pos_weight) -> torch.Tensor:
+    """GATE state (eq. 16): BCE of every gate l < L against the surrogate targets of its trial's costs; the IMs are
+    evaluated without gradient, so only the gate parameters are in the graph."""
+    with torch.no_grad():
+        logits = heads.im_logits(feats, last_logits)
+        targets = gate_targets(exit_costs(exit_cross_entropy(logits, labels), lam, ic_norm), rule)
+    z = heads.gate_logits(logits)                                            # (T, B, L-1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        z, targets, pos_weight=pos_weight[:, None, :], reduction="none")
+    return bce.mean(1).sum()
+
+
+def classifier_loss(heads: StackedHeads, feats, labels, last_logits, lam, ic_norm, im_loss="weighted",
+                    full_gradient=False) -> torch.Tensor:
+    """CLASSIFIER state: eq. 30 (P(G=l|x) detached), eq. 29 with full_gradient, or plain CE (im_loss="uniform").
+    The gate parameters are never in the graph."""
+    logits = heads.im_logits(feats, last_logits)
+    ce = exit_cross_entropy(logits, labels)
+    if im_loss == "uniform":
+        return ce.sum(-1).mean(-1).sum()
+    if full_gradient:
+        p_g = exit_distribution(torch.sigmoid(heads.gate_logits(logits, detach_gates=True)))
+        return (p_g * exit_costs(ce, lam, ic_norm)).sum(-1).mean(-1).sum()   # eq. 29
+    with torch.no_grad():
+        p_g = exit_distribution(torch.sigmoid(heads.gate_logits(logits)))
+    return (p_g * ce).sum(-1).mean(-1).sum()                                  # eq. 30
+
+
+# ---- optimiser ---------------------------------------------------------------------------------------------------
+class StackedAdam:
+    """torch.optim.Adam (L2 weight decay added to the gradient) with its own lr and weight decay per trial; trials
+    that are not active do not move. trial_dims[i] is the axis of params[i] that indexes trials."""
+
+    def __init__(self, params, trial_dims, lr: torch.Tensor, weight_decay: torch.Tensor, betas=(0.9, 0.999),
+                 eps=1e-8):
+        self.params, self.betas, self.eps, self.steps = list(params), betas, eps, 0
+        self.shape = [[-1 if d == dim else 1 for d in range(p.dim())] for p, dim in zip(self.params, trial_dims)]
+        self.lr, self.weight_decay = lr, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, grads, active: torch.Tensor):
+        self.steps += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        # torch's m_hat / (sqrt(v_hat) + eps), rearranged to save passes over the (large) stacked tensors
+        lr = self.lr * active.to(self.lr.dtype) * (math.sqrt(bc2) / bc1)
+        eps = self.eps * math.sqrt(bc2)
+        for p, g, m, v, shape in zip(self.params, grads, self.m, self.v, self.shape):
+            g = g.addcmul_(p, self.weight_decay.view(shape))   # g is a fresh autograd result: update in place
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_(m.div(v.sqrt().add_(eps)).mul_(lr.view(shape)))
+
+
+# ---- evaluation during training ----------------------------------------------------------------------------------
+@torch.no_grad()
+def _chunk_outputs(heads: StackedHeads, split: SplitTensors):
+    for lo in range(0, len(split), EVAL_CHUNK):
+        feats, labels, last = split.rows(slice(lo, lo + EVAL_CHUNK))
+        logits = heads.im_logits(feats, last)
+        yield logits, labels, torch.sigmoid(heads.gate_logits(logits))
+
+
+@torch.no_grad()
+def exited_metrics(heads: StackedHeads, split: SplitTensors, lam, ic_norm) -> dict[str, torch.Tensor]:
+    """Per trial (T,): accuracy, cost (mean IC_norm) and objective (mean CE + lam IC_norm) at the exit taken."""
+    sums = {"accuracy": 0.0, "cost": 0.0, "objective": 0.0}
+    for logits, labels, g in _chunk_outputs(heads, split):
+        taken = exit_decision(exit_distribution(g))[..., None]                      # (T, B, 1)
+        at_exit = logits.gather(2, taken[..., None].expand(-1, -1, 1, logits.shape[-1])).squeeze(2)   # (T, B, K)
+        ce = torch.logsumexp(at_exit, -1) - at_exit.gather(-1, labels[None, :, None].expand(
+            at_exit.shape[0], -1, 1)).squeeze(-1)
+        cost = ic_norm[taken.squeeze(-1)]
+        sums["accuracy"] = sums["accuracy"] + (at_exit.argmax(-1) == labels).sum(1).double()
+        sums["cost"] = sums["cost"] + cost.sum(1).double()
+        sums["objective"] = sums["objective"] + (ce + lam[:, None] * cost).sum(1).double()
+    return {k: v / len(split) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def gate_pos_weight(heads: StackedHeads, split: SplitTensors, lam, ic_norm, rule) -> torch.Tensor:
+    """(T, L-1) n_neg / n_pos of each gate's surrogate targets on `split` (V1), clipped to [1/100, 100]."""
+    pos = 0.0
+    for logits, labels, _ in _chunk_outputs(heads, split):
+        pos = pos + gate_targets(exit_costs(exit_cross_entropy(logits, labels), lam, ic_norm), rule).sum(1)
+    neg = len(split) - pos
+    return (neg / pos.clamp_min(0.5)).clamp(1 / POS_WEIGHT_CLIP, POS_WEIGHT_CLIP)
+
+
+@torch.no_grad()
+def im_accuracy(heads: StackedHeads, split: SplitTensors) -> torch.Tensor:
+    """(T, number of trained IMs) accuracy of every trained IM on all samples of `split`."""
+    correct = 0.0
+    n_ims = len(heads.im_weight)
+    for lo in range(0, len(split), EVAL_CHUNK):
+        feats, labels, last = split.rows(slice(lo, lo + EVAL_CHUNK))
+        logits = heads.im_logits(feats, last)[:, :, :n_ims]
+        correct = correct + (logits.argmax(-1) == labels[None, :, None]).sum(1).double()
+    return correct / len(split)
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
+@dataclass
+class EpochReport:
+    """What the progress hook sees after every epoch. Warm-up: accuracy = best V2 accuracy of each IM (best over
+    the (lr, weight_decay) pairs), cost empty. Bi-level: per trial, V2 accuracy and normalised cost of its kept
+    (best) state, and whether it is still training."""
+    phase: str                # "warmup" | "bilevel"
+    epoch: int                # 1-based within the phase
+    epochs: int               # epochs of the phase at most
+    accuracy: list[float]
+    cost: list[float] = field(default_factory=list)
+    active: list[bool] = field(default_factory=list)
+
+
+Progress = Callable[[EpochReport], None]
+
+
+def _seeds(seed: int) -> tuple[int, int, int]:
+    """Independent streams for: initial weights, warm-up batch order, bi-level batch order."""
+    init, warm, bilevel = np.random.SeedSequence(seed).generate_state(3)
+    return int(init), int(warm), int(bilevel)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=generator).to(device).split(batch_size))
+
+
+# ---- warm-up -----------------------------------------------------------------------------------------------------
+@dataclass
+class WarmState:
+    """IM weights after each warm-up epoch w = 0..epochs (0 = initial), per (lr, weight_decay) pair; each IM at its
+    best V2 accuracy among epochs <= w. Stacked along the trial axis in the order of `optim`."""
+    optim: list[tuple[float, float]]
+    snapshots: list[tuple[list[torch.Tensor], list[torch.Tensor]]]   # [w] -> (im_weight (D,T,K), im_bias (T,K))
+    v2_accuracy: torch.Tensor                                        # (epochs, len(optim), n_ims) per epoch
+    trains_last: bool
+
+    @property
+    def epochs(self) -> int:
+        return len(self.snapshots) - 1
+
+    def initial_ims(self, lr: float, weight_decay: float, epochs: int):
+        """(im_weight, im_bias) with a trial axis of 1 for the bi-level phase of one trial."""
+        if (lr, weight_decay) not in self.optim:
+            raise ValueError(f"no warm-up for lr={lr}, weight_decay={weight_decay}; warmed: {self.optim}")
+        if not 0 <= epochs <= self.epochs:
+            raise ValueError(f"warm-up ran {self.epochs} epochs, a trial asks for {epochs}")
+        j = self.optim.index((lr, weight_decay))
+        weights, biases = self.snapshots[epochs]
+        return [w[:, j:j + 1] for w in weights], [b[j:j + 1] for b in biases]
+
+
+def _resolve_trials(trials: list[dict], settings: TrainSettings) -> list[dict]:
+    if not trials:
+        raise ValueError("no trials to train")
+    out = []
+    for trial in trials:
+        unknown = set(trial) - set(TRIAL_KEYS)
+        if unknown or "lam" not in trial:
+            raise ValueError(f"a trial needs 'lam' and may set {', '.join(TRIAL_KEYS[1:])}; got {sorted(trial)}")
+        t = {"lam": float(trial["lam"]), "lr": float(trial.get("lr", settings.lr)),
+             "weight_decay": float(trial.get("weight_decay", settings.weight_decay)),
+             "warmup_epochs": int(trial.get("warmup_epochs", settings.warmup_epochs))}
+        if t["lam"] < 0 or t["lr"] <= 0 or t["weight_decay"] < 0:
+            raise ValueError(f"a trial needs lam >= 0, lr > 0 and weight_decay >= 0, got {t}")
+        if not 0 <= t["warmup_epochs"] < settings.max_epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, max_epochs={settings.max_epochs}), got {t}")
+        out.append(t)
+    return out
+
+
+def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None = None,
+           trials: list[dict] | None = None) -> WarmState:
+    """Train all IMs on all training samples (eq. 17), once per distinct (lr, weight_decay) of `trials` (default:
+    the settings' pair), all pairs stacked, for the largest warm-up epoch count asked for."""
+    resolved = _resolve_trials(trials or [{"lam": 0.0}], settings)
+    optim = list(dict.fromkeys((t["lr"], t["weight_decay"]) for t in resolved))
+    epochs = max(t["warmup_epochs"] for t in resolved)
+    seed_init, seed_warm, _ = _seeds(settings.seed)
+    device = settings.device
+    heads = StackedHeads.init(data.exit_dims, data.num_classes, len(optim), data.trains_last, seed_init, device)
+    params = heads.im_params()
+    n_w = len(heads.im_weight)
+    adam = StackedAdam(params, [1] * n_w + [0] * n_w,
+                       torch.tensor([o[0] for o in optim], device=device),
+                       torch.tensor([o[1] for o in optim], device=device))
+    active = torch.ones(len(optim), dtype=torch.bool, device=device)
+    best_w = [w.clone() for w in heads.im_weight]
+    best_b = [b.clone() for b in heads.im_bias]
+    best_acc = torch.full((len(optim), n_w), -1.0, dtype=torch.float64, device=device)
+    snapshots = [([w.clone() for w in best_w], [b.clone() for b in best_b])]
+    history = []
+    gen = torch.Generator().manual_seed(seed_warm)
+    for p in params:
+        p.requires_grad_(True)
+    for epoch in range(epochs):
+        for idx in _batches(len(data.train), settings.batch_size, gen, device):
+            feats, labels, last = data.train.rows(idx)
+            grads = torch.autograd.grad(warmup_loss(heads, feats, labels, last), params)
+            adam.step(grads, active)
+        acc = im_accuracy(heads, data.v2)
+        history.append(acc)
+        better = acc > best_acc                                                   # (n_optim, n_ims)
+        best_acc = torch.where(better, acc, best_acc)
+        with torch.no_grad():
+            for i in range(n_w):
+                best_w[i] = torch.where(better[:, i][None, :, None], heads.im_weight[i], best_w[i])
+                best_b[i] = torch.where(better[:, i][:, None], heads.im_bias[i], best_b[i])
+        snapshots.append(([w.clone() for w in best_w], [b.clone() for b in best_b]))
+        if progress is not None:
+            progress(EpochReport("warmup", epoch + 1, epochs, best_acc.max(0).values.tolist()))
+    accs = torch.stack(history) if history else torch.zeros(0, len(optim), n_w, dtype=torch.float64)
+    return WarmState(optim, snapshots, accs.cpu(), data.trains_last)
+
+
+# ---- bi-level phase ----------------------------------------------------------------------------------------------
+def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: TrainSettings,
+                progress: Progress | None = None) -> StackedHeads:
+    """Algorithm 1 after the warm-up, for every trial at once; returns each trial's best state on V2."""
+    resolved = _resolve_trials(trials, settings)
+    if warm.trains_last != data.trains_last:
+        raise ValueError("the warm-up state and the data disagree on whether the last head is trained")
+    device, n_trials = settings.device, len(resolved)
+    seed_init, _, seed_bilevel = _seeds(settings.seed)
+    heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last, seed_init, device)
+    starts = [warm.initial_ims(t["lr"], t["weight_decay"], t["warmup_epochs"]) for t in resolved]
+    heads.im_weight = [torch.cat([s[0][i] for s in starts], dim=1).to(device) for i in range(len(heads.im_weight))]
+    heads.im_bias = [torch.cat([s[1][i] for s in starts], dim=0).to(device) for i in range(len(heads.im_bias))]
+
+    lam = torch.tensor([t["lam"] for t in resolved], device=device)
+    lr = torch.tensor([t["lr"] for t in resolved], device=device)
+    wd = torch.tensor([t["weight_decay"] for t in resolved], device=device)
+    budget = torch.tensor([settings.max_epochs - t["warmup_epochs"] for t in resolved], device=device)
+    ic_norm = data.ic_norm.to(device)
+    im_params, gate_params = heads.im_params(), heads.gate_params()
+    for p in im_params + gate_params:
+        p.requires_grad_(True)
+    n_w = len(heads.im_weight)
+    adam_im = StackedAdam(im_params, [1] * n_w + [0] * n_w, lr, wd)
+    adam_gate = StackedAdam(gate_params, [0, 0], lr, wd)
+
+    best = heads.select(list(range(n_trials)))
+    best_obj = torch.full((n_trials,), math.inf, dtype=torch.float64, device=device)
+    best_acc = torch.zeros(n_trials, dtype=torch.float64, device=device)
+    best_cost = torch.zeros(n_trials, dtype=torch.float64, device=device)
+    stale = torch.zeros(n_trials, dtype=torch.int64, device=device)
+    active = torch.ones(n_trials, dtype=torch.bool, device=device)
+    gen = torch.Generator().manual_seed(seed_bilevel)
+    gate_state, step = True, 0                                                   # Algorithm 1 line 11
+    n_epochs = int(budget.max())
+    for epoch in range(n_epochs):
+        active &= epoch < budget
+        if not bool(active.any()):
+            break
+        pos_weight = gate_pos_weight(heads, data.v1, lam, ic_norm, settings.targets)
+        for idx in _batches(len(data.train), settings.batch_size, gen, device):
+            feats, labels, last = data.train.rows(idx)
+            if gate_state:
+                loss = gate_loss(heads, feats, labels, last, lam, ic_norm, settings.targets, pos_weight)
+                adam_gate.step(torch.autograd.grad(loss, gate_params), active)
+            else:
+                loss = classifier_loss(heads, feats, labels, last, lam, ic_norm, settings.im_loss,
+                                       settings.full_gradient)
+                adam_im.step(torch.autograd.grad(loss, im_params), active)
+            step += 1
+            if step % settings.bi_switch == 0:
+                gate_state = not gate_state
+        v2 = exited_metrics(heads, data.v2, lam, ic_norm)
+        improved = active & (v2["objective"] < best_obj)
+        best_obj = torch.where(improved, v2["objective"], best_obj)
+        best_acc = torch.where(improved, v2["accuracy"], best_acc)
+        best_cost = torch.where(improved, v2["cost"], best_cost)
+        _copy_trials(best, heads, improved)
+        best.epochs_trained[improved.cpu()] = epoch + 1
+        stale = torch.where(improved, 0, stale + 1)
+        active &= stale < settings.patience
+        if progress is not None:
+            progress(EpochReport("bilevel", epoch + 1, n_epochs, best_acc.tolist(), best_cost.tolist(),
+                                 active.tolist()))
+    return best
+
+
+@torch.no_grad()
+def _copy_trials(dst: StackedHeads, src: StackedHeads, mask: torch.Tensor) -> None:
+    for d, s in zip(dst.im_weight, src.im_weight):
+        d.copy_(torch.where(mask[None, :, None], s, d))
+    for d, s in zip(dst.im_bias + [dst.gate_weight, dst.gate_bias], src.im_bias + [src.gate_weight, src.gate_bias]):
+        d.copy_(torch.where(mask.view(-1, *[1] * (d.dim() - 1)), s, d))

@@ -1,0 +1,223 @@
+"""Stage-two training: stacked trials equal lone trials, gradients reach the right parameters in each state, the
+data loader halves val, and a planted problem is solved by routing."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from heads.exits import exit_decision, exit_distribution
+from heads.model import StackedHeads
+from heads.train import (SplitTensors, StackedAdam, TrainData, TrainSettings, classifier_loss, gate_loss,
+                         make_train_data, train_stack, warmup, warmup_loss)
+
+
+def random_split(n, dims, k, seed, with_logits=True):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    feats = [torch.randn(n, d, generator=g) + 0.5 * i * torch.nn.functional.one_hot(y, k).float().repeat(1, d)[:, :d]
+             for i, d in enumerate(dims)]
+    logits = torch.randn(n, k, generator=g) + 2 * torch.nn.functional.one_hot(y, k) if with_logits else None
+    return SplitTensors(feats, y, logits)
+
+
+def tiny_data(with_logits=True, dims=(5, 7, 6, 5), k=3):
+    return TrainData(*(random_split(n, dims, k, seed, with_logits) for n, seed in ((192, 0), (64, 1), (64, 2))),
+                     ic_norm=torch.tensor([0.25, 0.5, 0.75, 1.0]), num_classes=k)
+
+
+TINY = TrainSettings(max_epochs=4, warmup_epochs=1, batch_size=32, bi_switch=2, patience=2)
+
+
+def run(data, trials, settings=TINY):
+    return train_stack(data, warmup(data, settings, trials=trials), trials, settings)
+
+
+@pytest.mark.parametrize("with_logits", [True, False], ids=["frozen-last", "trained-last"])
+def test_stacked_equals_alone(with_logits):
+    data = tiny_data(with_logits)
+    trials = [{"lam": 0.05}, {"lam": 1.0, "lr": 0.003}, {"lam": 0.3, "weight_decay": 0.0, "warmup_epochs": 2}]
+    stacked = run(data, trials).state_dict()
+    for t, trial in enumerate(trials):
+        alone = run(data, [trial]).state_dict()
+        for name, value in alone.items():
+            torch.testing.assert_close(stacked[name][t:t + 1], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_same_command_same_numbers():
+    data = tiny_data()
+    trials = [{"lam": 0.1}, {"lam": 2.0}]
+    a, b = run(data, trials).state_dict(), run(data, trials).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = run(data, trials, TrainSettings(**{**TINY.__dict__, "seed": 1})).state_dict()
+    assert not torch.equal(a["gate_weight"], other["gate_weight"])
+
+
+def test_state_dict_round_trip_and_select():
+    heads = run(tiny_data(with_logits=False), [{"lam": 0.1}, {"lam": 1.0}])
+    back = StackedHeads.from_state_dict(heads.state_dict())
+    assert back.trains_last and back.n_trials == 2 and back.exit_dims == [5, 7, 6, 5]
+    feats = tiny_data(with_logits=False).v2.features
+    torch.testing.assert_close(back.outputs(feats)[0], heads.outputs(feats)[0])
+    one = heads.select(1)
+    torch.testing.assert_close(one.outputs(feats)[1], heads.outputs(feats)[1][1:2])
+    assert heads.state_dict()["im_weight.0"].shape == (2, 5, 3)   # contract layout (T, D_l, K)
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("with_logits", [True, False], ids=["frozen-last", "trained-last"])
+def test_gradients_reach_the_right_parameters(with_logits):
+    data = tiny_data(with_logits)
+    heads = StackedHeads.init(data.exit_dims, 3, 2, data.trains_last, seed=0)
+    # small gates (sum of g < 1, so every exit keeps some mass) that differ between the trials
+    heads.gate_weight = 0.3 * torch.randn(heads.gate_weight.shape, generator=torch.Generator().manual_seed(0))
+    heads.gate_bias = torch.tensor([[-2.0], [-3.0]]).expand(2, 3).contiguous()
+    ims, gates = heads.im_params(), heads.gate_params()
+    for p in ims + gates:
+        p.requires_grad_(True)
+    feats, labels, last = data.train.rows(torch.arange(40))
+    lam, ic = torch.tensor([0.1, 1.0]), data.ic_norm
+    pos_weight = torch.ones(2, 3)
+
+    g = grads(gate_loss(heads, feats, labels, last, lam, ic, "subsequent", pos_weight), ims + gates)
+    assert all(x is None for x in g[:len(ims)]) and all(x is not None and x.abs().sum() > 0 for x in g[len(ims):])
+
+    g_det = grads(classifier_loss(heads, feats, labels, last, lam, ic), ims + gates)
+    assert all(x is not None and x.abs().sum() > 0 for x in g_det[:len(ims)])   # every IM, the trained last too
+    assert all(x is None for x in g_det[len(ims):])
+    # detached (eq. 30): exactly the gradient of a CE weighted by constant P(G=l|x)
+    with torch.no_grad():
+        p_g = exit_distribution(torch.sigmoid(heads.gate_logits(heads.im_logits(feats, last))))
+    logits = heads.im_logits(feats, last)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 3), labels[None, :, None].expand(2, -1, 4).reshape(-1),
+                                           reduction="none").view(2, 40, 4)
+    g_ref = grads((p_g * ce).sum(-1).mean(-1).sum(), ims)
+    for a, b in zip(g_det[:len(ims)], g_ref):
+        torch.testing.assert_close(a, b)
+
+    g_full = grads(classifier_loss(heads, feats, labels, last, lam, ic, full_gradient=True), ims + gates)
+    assert all(x is None for x in g_full[len(ims):])
+    assert any(not torch.allclose(a, b) for a, b in zip(g_full[:len(ims)], g_det[:len(ims)]))
+
+    g_warm = grads(warmup_loss(heads, feats, labels, last), ims + gates)
+    assert all(x is not None for x in g_warm[:len(ims)]) and all(x is None for x in g_warm[len(ims):])
+
+
+def test_gate_state_only_moves_gates_and_stopped_trials_freeze():
+    data = tiny_data()
+    gate_only = TrainSettings(**{**TINY.__dict__, "bi_switch": 10_000})   # never leaves the GATE state
+    trials = [{"lam": 0.2}, {"lam": 0.2, "warmup_epochs": 3}]            # the second gets one bi-level epoch
+    warm = warmup(data, gate_only, trials=trials)
+    heads = train_stack(data, warm, trials, gate_only)
+    for t, trial in enumerate(trials):
+        w0, b0 = warm.initial_ims(gate_only.lr, gate_only.weight_decay, trial.get("warmup_epochs", 1))
+        for w, w_init in zip(heads.im_weight, w0):
+            torch.testing.assert_close(w[:, t:t + 1], w_init, atol=0, rtol=0)
+        for b, b_init in zip(heads.im_bias, b0):
+            torch.testing.assert_close(b[t:t + 1], b_init, atol=0, rtol=0)
+    assert heads.epochs_trained[1] <= 1 <= heads.epochs_trained[0] <= 3
+    init = StackedHeads.init(data.exit_dims, 3, 1, False, seed=0)
+    assert not torch.allclose(heads.gate_weight[0], init.gate_weight[0])
+
+
+def test_stacked_adam_matches_torch_adam_per_trial():
+    gen = torch.Generator().manual_seed(0)
+    lrs, wds = [0.01, 0.003], [5e-4, 0.0]
+    stacked = torch.randn(4, 2, 3, generator=gen)                      # trial axis 1, like an IM weight
+    alone = [stacked[:, t].clone().requires_grad_(True) for t in range(2)]
+    refs = [torch.optim.Adam([a], lr=lr, weight_decay=wd) for a, lr, wd in zip(alone, lrs, wds)]
+    adam = StackedAdam([stacked], [1], torch.tensor(lrs), torch.tensor(wds))
+    for step in range(30):
+        x = torch.randn(4, 2, 3, generator=gen)
+        active = torch.tensor([True, step < 10])                        # trial 1 stops after 10 steps
+        adam.step([2 * stacked * x * x], active)
+        for t in range(2 if step < 10 else 1):
+            refs[t].zero_grad()
+            (alone[t] * x[:, t]).pow(2).sum().backward()
+            refs[t].step()
+    for t in range(2):
+        torch.testing.assert_close(stacked[:, t], alone[t].detach())
+
+
+def test_make_train_data_halves_val_and_normalises_costs():
+    dims, k = [4, 6], 3
+
+    def load_split(split, device="cpu"):
+        n = {"train": 10, "val": 7}[split]
+        feats = [torch.arange(n * d, dtype=torch.float16).view(n, d) for d in dims]
+        return SimpleNamespace(features=feats, labels=torch.arange(n) % k, logits=torch.zeros(n, k))
+
+    manifest = {"num_classes": k, "head_is_task_head": False,
+                "exits": [{"exit": 1, "cumulative_total_macs": 50}, {"exit": 2, "cumulative_total_macs": 200}]}
+    data = make_train_data(SimpleNamespace(manifest=manifest, load_split=load_split))
+    assert (len(data.train), len(data.v1), len(data.v2)) == (10, 3, 4)
+    assert data.trains_last and data.v1.logits is None
+    assert data.v2.features[1].dtype == torch.float32 and data.v2.labels.tolist() == [0, 1, 2, 0]
+    torch.testing.assert_close(data.ic_norm, torch.tensor([0.25, 1.0]))
+
+
+def test_bad_settings_and_trials_are_clear_errors():
+    with pytest.raises(ValueError, match="im_loss"):
+        TrainSettings(im_loss="median")
+    with pytest.raises(ValueError, match="full_gradient"):
+        TrainSettings(full_gradient=True, im_loss="uniform")
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainSettings(warmup_epochs=15, max_epochs=15)
+    data = tiny_data()
+    warm = warmup(data, TINY)
+    with pytest.raises(ValueError, match="lam"):
+        train_stack(data, warm, [{"lambda": 0.1}], TINY)
+    with pytest.raises(ValueError, match="no warm-up"):
+        train_stack(data, warm, [{"lam": 0.1, "lr": 0.5}], TINY)
+
+
+# ---- the planted problem ---------------------------------------------------------------------------------------
+N_EXITS, K, D = 6, 4, 16
+
+
+def planted_split(n, seed):
+    """Even rows are easy (class signal at exits 2..5), odd rows hard (noise until the last exit, whose cached
+    logits solve every row)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(K, D, generator=torch.Generator().manual_seed(99))
+    means = 4.0 * means / means.norm(dim=1, keepdim=True)
+    y = torch.randint(0, K, (n,), generator=g)
+    easy = torch.arange(n) % 2 == 0
+    feats = []
+    for l in range(N_EXITS):
+        x = 0.5 * torch.randn(n, D, generator=g)
+        if l >= 1:
+            x[easy] += means[y[easy]]
+        feats.append(x)
+    logits = 6.0 * torch.nn.functional.one_hot(y, K).float() + torch.randn(n, K, generator=g)
+    return SplitTensors(feats, y, logits), easy
+
+
+# The paper's defaults except a higher lr (few batches here). With ExitSubsequent targets AND the eq. 30 weighted
+# loss the hard half reaches only ~80% at the last exit: IMs 4-5 receive almost no routed mass, drift under Adam,
+# and the subsequent targets (1 for the easy half after l* = 2) leave their gates near 0.5. ExitIfMin targets or
+# the uniform IM loss avoid this, and those are the two configurations tested.
+@pytest.mark.parametrize("targets,im_loss", [("ifmin", "weighted"), ("subsequent", "uniform")])
+def test_planted_routing(targets, im_loss):
+    (train, _), (v1, _), (v2, easy) = planted_split(3000, 1), planted_split(400, 2), planted_split(400, 3)
+    data = TrainData(train, v1, v2, torch.arange(1, N_EXITS + 1) / N_EXITS, K)
+    settings = TrainSettings(lr=0.05, batch_size=32, max_epochs=8, bi_switch=25, targets=targets, im_loss=im_loss)
+    trials = [{"lam": 0.5}]
+    warm = warmup(data, settings, trials=trials)
+    heads = train_stack(data, warm, trials, settings)
+
+    logits, g = heads.outputs(v2.features, v2.logits)
+    taken = exit_decision(exit_distribution(g))[0]
+    assert (taken[easy] <= 2).float().mean() >= 0.9
+    assert (taken[~easy] == N_EXITS - 1).float().mean() >= 0.9
+    pred = logits[0, torch.arange(len(v2)), taken].argmax(-1)
+    accuracy = (pred == v2.labels).float().mean()
+    cost = data.ic_norm[taken].mean()
+    # every fixed single exit up to the first one at least as expensive as the routed model is less accurate
+    single = StackedHeads(*warm.snapshots[-1], heads.gate_weight, heads.gate_bias, False, heads.epochs_trained)
+    single_acc = (single.outputs(v2.features, v2.logits)[0][0].argmax(-1) == v2.labels[:, None]).float().mean(0)
+    comparable = data.ic_norm <= cost + 1 / N_EXITS
+    assert comparable.sum() >= 4
+    assert bool((single_acc[comparable] < accuracy).all()), (single_acc, accuracy, cost)
