@@ -1,0 +1,418 @@
+"""The paper's baselines and ablations, trained from the same feature cache (and the same IMs) as JEI-DNN.
+
+    session = Session(cache, settings)                                   # heads/sweep.py: data, test, costs
+    test = SplitTensors(session.test_features, torch.as_tensor(session.test_labels), session.test_logits)
+    points = run_baselines(session.data, test, ["threshold", "boosted", "l2w", "fixed-ims", "diffbranch"],
+                           settings, lambdas=[0.01, 0.1, 1.0])
+    for method, param, v2, test_out, extra in points:                     # MethodPoint named tuples
+        metrics = evaluate(v2, test_out, session.costs)                   # {"v2": {...}, "test": {...}}, as JEI-DNN
+
+A results row of a `compare` command is then {"method": method, "lam" or "p": param, **metrics[split], ...}.
+The points of one threshold-gated method share their logits arrays (only exit_index differs), so a 39-point grid
+costs one copy of the logits per split.
+
+Methods (METHODS), each one MethodPoint per operating point (param = p of the budget grid, or lambda):
+  threshold         IMs trained on every sample to convergence: the JEI-DNN warm-up (eq. 17) run for max_epochs,
+                    each IM kept at its best V2 accuracy; threshold gating (heads/thresholds.py), one point per p.
+  threshold-warmup  ablation 2 of appendix 9.6: threshold gating on exactly the IMs JEI-DNN starts its bi-level
+                    phase from (the warm-up after warmup_epochs epochs).
+  boosted           BoostedNet (Yu et al. 2023), see boosted_ensemble; threshold gating on the ensemble logits.
+  l2w               L2W-DEN (Han et al. 2022b), see train_l2w; threshold gating.
+  fixed-ims         ablation 1 of appendix 9.6: JEI-DNN's Algorithm 1 that never enters the CLASSIFIER state, so
+                    only the gates learn (train_stack with bi_switch beyond the last batch); one point per lambda.
+  diffbranch        DiffBranch (Scardapane et al. 2020, appendix 9.13): from the same warm-up, IMs and gates (same
+                    gate inputs) trained jointly by gradient descent on the expected loss eq. 9; one per lambda.
+
+Training of the IM-only baselines (boosted, l2w) follows TrainSettings: Adam (lr, weight_decay), batch_size,
+at most max_epochs epochs, the state with the lowest V2 cross-entropy (summed over exits; for BoostedNet of the
+ensemble logits) kept, stopping after `patience` epochs without improvement. The exit-L head is the backbone's own
+(frozen) head unless the cache's head is not the task's, exactly as for JEI-DNN. Thresholds are fitted on V1,
+temperature and conformal thresholds on V2 by heads.evaluate, as in the paper (section 5).
+
+extra of a point: {"train_seconds": wall time of the training that produced the point (shared by all points of a
+threshold-gated method), "epochs"}, plus {"p", "fractions", "thresholds", "v1_exit_hist"} for threshold gating,
+{"lam"} for the learned-gate methods.
+"""
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from heads.evaluate import ExitOutputs
+from heads.exits import exit_decision, exit_distribution
+from heads.model import StackedHeads
+from heads.thresholds import DEFAULT_P_GRID, budget_fractions, fit_thresholds, max_softmax, threshold_sweep
+from heads.train import (
+    SplitTensors, StackedAdam, TrainData, TrainSettings, WarmState, _batches, _copy_trials, _seeds,
+    exit_costs, exit_cross_entropy, exited_metrics, train_stack, warmup,
+)
+
+METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")
+LAMBDA_METHODS = ("fixed-ims", "diffbranch")
+EVAL_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Defaults from the authors' public scripts (BoostedNet: ensemble_reweight 0.5; L2W-DEN: target_p_index 15,
+    epsilon 0.3, constraint "mat", loss inputs, one hidden layer, meta Adam)."""
+    p_grid: tuple[float, ...] = DEFAULT_P_GRID   # MSDNet budget grid p = 1/20 .. 39/20
+    boost_gamma: float = 0.5          # BoostedNet: decay of the earlier ensemble, F_s = o_s + gamma F_{s-1}
+    l2w_p: float = 0.75               # L2W-DEN: budget p whose exit shares route the meta half of each batch
+    l2w_epsilon: float = 0.3          # L2W-DEN: weights = 1 + epsilon (w - mean w), w in (-1, 1)
+    l2w_hidden: int = 100             # L2W-DEN: hidden width of the weight-prediction network
+    l2w_meta_lr: float = 1e-4         # Adam on the weight-prediction network
+    l2w_meta_weight_decay: float = 1e-4
+    l2w_lookahead_lr: float = 0.01    # SGD step size of the one-step look-ahead of the IMs
+    l2w_meta_interval: int = 1        # meta step every this many half-batches
+
+    def __post_init__(self):
+        if not self.p_grid or any(not p > 0 for p in self.p_grid):
+            raise ValueError(f"p_grid needs positive budget parameters, got {self.p_grid}")
+        if not 0 <= self.boost_gamma <= 1:
+            raise ValueError(f"boost_gamma must lie in [0, 1], got {self.boost_gamma}")
+        if not self.l2w_p > 0 or not 0 < self.l2w_epsilon <= 1:
+            # epsilon = 0 would make every weight 1: plain IM training, nothing left to meta-learn
+            raise ValueError(f"need l2w_p > 0 and l2w_epsilon in (0, 1], got {self.l2w_p}, {self.l2w_epsilon}")
+        if self.l2w_hidden < 1 or self.l2w_meta_interval < 1:
+            raise ValueError("l2w_hidden and l2w_meta_interval must be >= 1")
+        if self.l2w_meta_lr <= 0 or self.l2w_lookahead_lr <= 0 or self.l2w_meta_weight_decay < 0:
+            raise ValueError("L2W learning rates must be > 0 and its weight decay >= 0")
+
+
+class MethodPoint(NamedTuple):
+    """One operating point of one method: unpacks as (method, param, v2, test, extra)."""
+    method: str
+    param: float          # p of the budget grid (threshold gating) or lambda (learned gates)
+    v2: ExitOutputs
+    test: ExitOutputs
+    extra: dict
+
+
+# ---- IM-only models ----------------------------------------------------------------------------------------------
+def _single_model(data: TrainData, settings: TrainSettings) -> StackedHeads:
+    """One IM stack (trial axis of 1) with the same initial weights as JEI-DNN; the gates are never used."""
+    return StackedHeads.init(data.exit_dims, data.num_classes, 1, data.trains_last, _seeds(settings.seed)[0],
+                             settings.device)
+
+
+def _warm_ims(data: TrainData, warm: WarmState, settings: TrainSettings, epochs: int) -> StackedHeads:
+    heads = _single_model(data, settings)
+    weights, biases = warm.initial_ims(settings.lr, settings.weight_decay, epochs)
+    heads.im_weight = [w.to(settings.device) for w in weights]
+    heads.im_bias = [b.to(settings.device) for b in biases]
+    heads.epochs_trained[0] = epochs
+    return heads
+
+
+@torch.no_grad()
+def split_logits(heads: StackedHeads, split: SplitTensors) -> torch.Tensor:
+    """(T, N, L, K) IM logits of every trial on a whole split, in chunks."""
+    chunks = []
+    for lo in range(0, len(split), EVAL_CHUNK):
+        feats, _, last = split.rows(slice(lo, lo + EVAL_CHUNK))
+        chunks.append(heads.im_logits(feats, last))
+    return torch.cat(chunks, dim=1)
+
+
+def _one_trial_adam(params, lr: float, weight_decay: float, device) -> Callable:
+    """update(loss): one step of the project's Adam (heads.train.StackedAdam, as JEI-DNN) on params, one trial."""
+    adam = StackedAdam(params, [0] * len(params), torch.tensor([lr], device=device),
+                       torch.tensor([weight_decay], device=device))
+    active = torch.ones(1, dtype=torch.bool, device=device)
+
+    def update(loss):
+        adam.step(torch.autograd.grad(loss, params), active)
+    return update
+
+
+def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score: Callable) -> StackedHeads:
+    """Train one IM stack with `step(heads, update, feats, labels, last)` per mini-batch, update(loss) being one
+    optimiser step; keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
+    heads = _single_model(data, settings)
+    for p in heads.im_params():
+        p.requires_grad_(True)
+    update = _one_trial_adam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
+    gen = torch.Generator().manual_seed(_seeds(settings.seed)[1])
+    best, best_score, stale = heads.select(0), math.inf, 0
+    for epoch in range(settings.max_epochs):
+        for idx in _batches(len(data.train), settings.batch_size, gen, settings.device):
+            step(heads, update, *data.train.rows(idx))
+        score = float(v2_score(heads))
+        if score < best_score:
+            best, best_score, stale = heads.select(0), score, 0
+            best.epochs_trained[0] = epoch + 1
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                break
+    return best
+
+
+# ---- BoostedNet --------------------------------------------------------------------------------------------------
+def boosted_ensemble(logits: torch.Tensor, gamma: float, n_boosted: int, detach: bool = False) -> torch.Tensor:
+    """(..., L, K) weak-learner logits o_s -> (..., L, K) ensemble logits F_s (Yu et al. 2023, their public code):
+
+        F_1 = o_1,   F_s = o_s + gamma * F_{s-1}   (s = 2..n_boosted),   i.e. F_s = sum_{j<=s} gamma^(s-j) o_j.
+
+    detach=True stops the gradient through F_{s-1} (training: exit s fits the residual of the fixed earlier
+    ensemble). Exits after n_boosted (the frozen backbone head, which cannot learn a residual) are returned as is.
+    """
+    out = [logits[..., 0, :]]
+    for s in range(1, n_boosted):
+        prev = out[-1].detach() if detach else out[-1]
+        out.append(logits[..., s, :] + gamma * prev)
+    out.extend(logits[..., s, :] for s in range(n_boosted, logits.shape[-2]))
+    return torch.stack(out, dim=-2)
+
+
+def train_boosted(data: TrainData, settings: TrainSettings, gamma: float) -> StackedHeads:
+    """BoostedNet training: sum over trained exits s of CE(y, o_s + gamma * sg(F_{s-1}))."""
+    n_boosted = len(data.exit_dims) if data.trains_last else len(data.exit_dims) - 1
+
+    def step(heads, update, feats, labels, last):
+        ens = boosted_ensemble(heads.im_logits(feats, last), gamma, n_boosted, detach=True)
+        update(exit_cross_entropy(ens, labels)[..., :n_boosted].sum(-1).mean())
+
+    def v2_score(heads):
+        ens = boosted_ensemble(split_logits(heads, data.v2), gamma, n_boosted)
+        return exit_cross_entropy(ens, data.v2.labels).sum(-1).mean()
+
+    return _fit_ims(data, settings, step, v2_score)
+
+
+# ---- L2W-DEN -----------------------------------------------------------------------------------------------------
+class WeightPredictionNet(nn.Module):
+    """L2W-DEN's weight-prediction network: per-exit losses of a sample (L,) -> raw weights in (-1, 1) (L,)."""
+
+    def __init__(self, n_exits: int, hidden: int, seed: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_exits, hidden), nn.ReLU(), nn.Linear(hidden, n_exits), nn.Tanh())
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():      # nn.Linear's default init, from our own generator (not the global one)
+            for layer in (self.net[0], self.net[2]):
+                bound = layer.in_features ** -0.5
+                for p in (layer.weight, layer.bias):
+                    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return self.net(losses)
+
+
+def l2w_weights(raw: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """(B, L) raw WPN outputs -> loss weights 1 + epsilon (raw - mean(raw)): the mean over the whole (B, L) matrix
+    is exactly 1 (the authors' "mat" constraint) and every weight lies in (1 - 2 epsilon, 1 + 2 epsilon)."""
+    return 1.0 + epsilon * (raw - raw.mean())
+
+
+def _weighted_loss(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(1, B, L) per-exit CE, (B, L) weights -> sum over exits of the weighted batch mean (L2W-DEN's loss)."""
+    return (weights * ce[0]).mean(0).sum()
+
+
+def _budget_loss(logits: torch.Tensor, labels: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """L2W-DEN's meta objective on a batch (1, B, L, K): route samples by confidence so that `fractions` exit at each
+    exit (as threshold gating would at test time), then sum over exits of the mean CE of the samples routed there."""
+    with torch.no_grad():
+        _, exit_index = fit_thresholds(max_softmax(logits[0]), fractions)
+    ce = exit_cross_entropy(logits, labels)[0].gather(1, exit_index[:, None])[:, 0]          # (B,)
+    n_exits = logits.shape[2]
+    sums = torch.zeros(n_exits, dtype=ce.dtype, device=ce.device).index_add(0, exit_index, ce)
+    counts = torch.bincount(exit_index, minlength=n_exits).clamp_min(1)
+    return (sums / counts).sum()
+
+
+def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) -> tuple[StackedHeads, nn.Module]:
+    """L2W-DEN: every batch is halved; each half in turn trains the IMs with per-sample, per-exit loss weights from
+    the WPN while the other half meta-trains the WPN: a look-ahead SGD step of the IMs under the predicted weights
+    (kept differentiable in the WPN), then the budget-routed loss of the look-ahead IMs on the held-out half."""
+    n_exits = len(data.exit_dims)
+    wpn = WeightPredictionNet(n_exits, bs.l2w_hidden, _seeds(settings.seed)[2]).to(settings.device)
+    meta_update = _one_trial_adam(list(wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
+    fractions = budget_fractions(bs.l2w_p, n_exits).to(settings.device)
+    calls = [0]
+
+    def meta_step(heads, train_rows, meta_rows):
+        params = heads.im_params()
+        ce = exit_cross_entropy(heads.im_logits(train_rows[0], train_rows[2]), train_rows[1])
+        inner = _weighted_loss(ce, l2w_weights(wpn(ce[0].detach()), bs.l2w_epsilon))
+        grads = torch.autograd.grad(inner, params, create_graph=True)
+        n_w = len(heads.im_weight)
+        # the look-ahead IMs theta' = theta - a grad, functions of the WPN parameters through grad
+        ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(params, grads)]
+        ahead_heads = dataclasses.replace(heads, im_weight=ahead[:n_w], im_bias=ahead[n_w:])
+        meta_update(_budget_loss(ahead_heads.im_logits(meta_rows[0], meta_rows[2]), meta_rows[1], fractions))
+
+    def step(heads, update, feats, labels, last):
+        half = (labels.shape[0] + 1) // 2
+        rows = [(feats, labels, last)]      # a one-sample tail batch cannot be halved: no meta step for it
+        if labels.shape[0] >= 2:
+            parts = [slice(0, half), slice(half, None)]
+            rows = [([f[s] for f in feats], labels[s], None if last is None else last[s]) for s in parts]
+        for i, train_rows in enumerate(rows):
+            if len(rows) == 2 and calls[0] % bs.l2w_meta_interval == 0:
+                meta_step(heads, train_rows, rows[1 - i])   # the other half is the held-out meta data
+            calls[0] += 1
+            ce = exit_cross_entropy(heads.im_logits(train_rows[0], train_rows[2]), train_rows[1])
+            with torch.no_grad():
+                weights = l2w_weights(wpn(ce[0]), bs.l2w_epsilon)
+            update(_weighted_loss(ce, weights))
+
+    def v2_score(heads):
+        return exit_cross_entropy(split_logits(heads, data.v2), data.v2.labels).sum(-1).mean()
+
+    return _fit_ims(data, settings, step, v2_score), wpn
+
+
+# ---- learned gates: fixed IMs and DiffBranch ---------------------------------------------------------------------
+def train_fixed_ims(data: TrainData, warm: WarmState, lambdas, settings: TrainSettings) -> StackedHeads:
+    """Appendix 9.6 ablation 1: Algorithm 1 starts in the GATE state and flips every bi_switch batches; a bi_switch
+    beyond the last batch of the phase means it never enters CLASSIFIER, so the warmed-up IMs stay bit-identical."""
+    n_batches = math.ceil(len(data.train) / settings.batch_size)
+    never = dataclasses.replace(settings, bi_switch=n_batches * settings.max_epochs + 1)
+    return train_stack(data, warm, [{"lam": float(lam)} for lam in lambdas], never)
+
+
+def diffbranch_loss(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> torch.Tensor:
+    """Eq. 9 with gradients into IMs and gates alike (also through the gate inputs): mean over the batch of
+    sum_l P(G=l|x) (CE_l + lam IC_norm^l), summed over trials."""
+    logits = heads.im_logits(feats, last)
+    p_g = exit_distribution(torch.sigmoid(heads.gate_logits(logits)))
+    return (p_g * exit_costs(exit_cross_entropy(logits, labels), lam, ic_norm)).sum(-1).mean(-1).sum()
+
+
+def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainSettings) -> StackedHeads:
+    """All lambdas stacked, IMs from the JEI-DNN warm-up, Adam on IMs and gates jointly for the bi-level epoch
+    budget (max_epochs - warmup_epochs); each trial kept at its best V2 objective with JEI-DNN's stopping rule."""
+    device, n_trials = settings.device, len(lambdas)
+    heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last, _seeds(settings.seed)[0],
+                              device)
+    weights, biases = warm.initial_ims(settings.lr, settings.weight_decay, settings.warmup_epochs)
+    heads.im_weight = [w.expand(-1, n_trials, -1).contiguous().to(device) for w in weights]
+    heads.im_bias = [b.expand(n_trials, -1).contiguous().to(device) for b in biases]
+    params = heads.im_params() + heads.gate_params()
+    for p in params:
+        p.requires_grad_(True)
+    n_w = len(heads.im_weight)
+    lam = torch.tensor([float(x) for x in lambdas], device=device)
+    ic_norm = data.ic_norm.to(device)
+    adam = StackedAdam(params, [1] * n_w + [0] * n_w + [0, 0], torch.full((n_trials,), settings.lr, device=device),
+                       torch.full((n_trials,), settings.weight_decay, device=device))
+    best = heads.select(list(range(n_trials)))
+    best_obj = torch.full((n_trials,), math.inf, dtype=torch.float64, device=device)
+    stale = torch.zeros(n_trials, dtype=torch.int64, device=device)
+    active = torch.ones(n_trials, dtype=torch.bool, device=device)
+    gen = torch.Generator().manual_seed(_seeds(settings.seed)[2])
+    for epoch in range(settings.max_epochs - settings.warmup_epochs):
+        for idx in _batches(len(data.train), settings.batch_size, gen, device):
+            loss = diffbranch_loss(heads, *data.train.rows(idx), lam, ic_norm)
+            adam.step(torch.autograd.grad(loss, params), active)
+        objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
+        improved = active & (objective < best_obj)
+        best_obj = torch.where(improved, objective, best_obj)
+        _copy_trials(best, heads, improved)
+        best.epochs_trained[improved.cpu()] = epoch + 1
+        stale = torch.where(improved, 0, stale + 1)
+        active &= stale < settings.patience
+        if not bool(active.any()):
+            break
+    return best
+
+
+# ---- operating points --------------------------------------------------------------------------------------------
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def threshold_points(method: str, logits: dict, labels: dict, p_grid, extra: dict) -> list[MethodPoint]:
+    """logits/labels: {"v1", "v2", "test"} -> (N, L, K) arrays / (N,). One MethodPoint per p, all sharing the same
+    logits arrays (no copies)."""
+    points = []
+    for pt in threshold_sweep(logits["v1"], {"v2": logits["v2"], "test": logits["test"]}, p_grid):
+        n_exits = logits["v1"].shape[1]
+        info = {"p": pt["p"], "fractions": pt["fractions"].tolist(), "thresholds": pt["thresholds"].tolist(),
+                "v1_exit_hist": np.bincount(pt["v1_exit_index"], minlength=n_exits).tolist(), **extra}
+        points.append(MethodPoint(method, pt["p"], ExitOutputs(logits["v2"], pt["v2"], labels["v2"]),
+                                  ExitOutputs(logits["test"], pt["test"], labels["test"]), info))
+    return points
+
+
+def gated_points(method: str, heads: StackedHeads, lambdas, v2: SplitTensors, test: SplitTensors,
+                 extra: dict) -> list[MethodPoint]:
+    """One MethodPoint per trial of a learned-gate model: deterministic exits, P(E^l|x) > 0.5 (section 5)."""
+    outs = {}
+    for name, split in (("v2", v2), ("test", test)):
+        logits, g = heads.outputs(split.features, split.logits)
+        outs[name] = (_numpy(logits), exit_decision(exit_distribution(g)).cpu().numpy(), split.labels.cpu().numpy())
+    return [MethodPoint(method, float(lam),
+                        *(ExitOutputs(outs[s][0][t], outs[s][1][t], outs[s][2]) for s in ("v2", "test")),
+                        {"lam": float(lam), "epochs": int(heads.epochs_trained[t]), **extra})
+            for t, lam in enumerate(lambdas)]
+
+
+def run_baselines(data: TrainData, test: SplitTensors, methods, settings: TrainSettings,
+                  baseline_settings: BaselineSettings = BaselineSettings(), lambdas=(), warm: WarmState | None = None,
+                  log: Callable[[str], None] | None = None) -> list[MethodPoint]:
+    """Train and gate every requested method (names in METHODS) from the cache; return their operating points.
+
+    test: the test split as SplitTensors (same exits and frozen-logit convention as data). lambdas: the cost
+    weights of the learned-gate methods (fixed-ims, diffbranch), normally the JEI-DNN sweep's. warm: a WarmState
+    from heads.train.warmup with settings' (lr, weight_decay) to re-use (the sweep's); one is trained here when
+    absent or too short (threshold needs max_epochs warm-up epochs, the others warmup_epochs).
+    """
+    methods = list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown baseline method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if any(m in LAMBDA_METHODS for m in methods) and not len(lambdas):
+        raise ValueError(f"{' and '.join(m for m in methods if m in LAMBDA_METHODS)} need lambdas")
+    if len(test.features) != len(data.exit_dims) or (test.logits is None) != data.trains_last:
+        raise ValueError("the test split does not match the training data (number of exits or frozen last logits)")
+    say = log or (lambda _msg: None)
+    bs = baseline_settings
+    splits = {"v1": data.v1, "v2": data.v2, "test": test}
+    labels = {name: split.labels.cpu().numpy() for name, split in splits.items()}
+
+    warm_users = [m for m in methods if m in ("threshold", "threshold-warmup", *LAMBDA_METHODS)]
+    need_warm = max([settings.max_epochs if m == "threshold" else settings.warmup_epochs for m in warm_users],
+                    default=0)
+    warm_seconds = 0.0
+    if warm_users and (warm is None or warm.epochs < need_warm
+                       or (settings.lr, settings.weight_decay) not in warm.optim):
+        say(f"warm-up: {need_warm} epochs")
+        t0 = time.perf_counter()
+        long = dataclasses.replace(settings, max_epochs=need_warm + 1, warmup_epochs=need_warm)
+        warm = warmup(data, long)
+        warm_seconds = time.perf_counter() - t0
+
+    points = []
+    for method in methods:
+        say(f"baseline {method}")
+        t0 = time.perf_counter()
+        if method in ("threshold", "threshold-warmup", "boosted", "l2w"):
+            if method == "boosted":
+                heads = train_boosted(data, settings, bs.boost_gamma)
+            elif method == "l2w":
+                heads = train_l2w(data, settings, bs)[0]
+            else:
+                epochs = settings.max_epochs if method == "threshold" else settings.warmup_epochs
+                heads = _warm_ims(data, warm, settings, epochs)
+            logits = {name: split_logits(heads, split)[0] for name, split in splits.items()}
+            if method == "boosted":
+                n_boosted = len(heads.im_weight)
+                logits = {name: boosted_ensemble(z, bs.boost_gamma, n_boosted) for name, z in logits.items()}
+            seconds = time.perf_counter() - t0 + (0.0 if method in ("boosted", "l2w") else warm_seconds)
+            extra = {"train_seconds": seconds, "epochs": int(heads.epochs_trained[0])}
+            points += threshold_points(method, {k: _numpy(v) for k, v in logits.items()}, labels, bs.p_grid, extra)
+        else:
+            train = train_fixed_ims if method == "fixed-ims" else train_diffbranch
+            heads = train(data, warm, lambdas, settings)
+            extra = {"train_seconds": time.perf_counter() - t0 + warm_seconds}
+            points += gated_points(method, heads, lambdas, data.v2, test, extra)
+    return points

@@ -1,0 +1,100 @@
+"""Threshold gating with MSDNet's budgeted search (Huang et al. 2018), as used by BoostedNet and L2W-DEN.
+
+A sample leaves at the first exit whose max softmax probability reaches that exit's threshold; the last exit takes
+everything left. One operating point per budget parameter p: the target share of samples leaving at exit k is
+proportional to p^k (k = 0..L-1, normalised), so p < 1 favours early exits and p > 1 late ones. Thresholds are fitted
+on V1 so that exactly those shares leave, then applied unchanged to V2 and test:
+
+    conf_v1 = max_softmax(v1_logits)                       # (N, L)
+    thr, _ = fit_thresholds(conf_v1, budget_fractions(0.5, L))
+    exit_index = exit_by_thresholds(max_softmax(test_logits), thr)
+
+The search is sequential over exits (L small) and vectorised over samples: at exit k, among the samples still in
+flight, the threshold is the confidence of the last sample that must leave for the cumulative target count to be
+met. Cumulative targets (rounded once) keep every exit within one sample of its requested share and let a later
+exit absorb any overshoot from tied confidences. Everything is torch, so the same routine routes a mini-batch on the
+GPU inside L2W-DEN's meta step (heads/baselines.py) and fits thresholds on V1.
+"""
+import numpy as np
+import torch
+
+# MSDNet's / BoostedNet's / L2W-DEN's evaluation grid: p = 1/20, 2/20, ..., 39/20.
+DEFAULT_P_GRID = tuple(i / 20 for i in range(1, 40))
+
+
+def budget_fractions(p: float, n_exits: int) -> torch.Tensor:
+    """Target share of samples leaving at each exit: p^k / sum_j p^j, k = 0..L-1 (float64, sums to 1)."""
+    if not p > 0:
+        raise ValueError(f"budget parameter p must be > 0, got {p}")
+    if n_exits < 1:
+        raise ValueError(f"need at least one exit, got {n_exits}")
+    # In log space so large L or p far from 1 neither overflows nor underflows before normalising.
+    log_w = torch.arange(n_exits, dtype=torch.float64) * float(np.log(p))
+    return torch.softmax(log_w, dim=0)
+
+
+def max_softmax(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(..., K) logits -> (...) max softmax probability, in float64 so confident samples do not all tie at 1.0."""
+    logits = torch.as_tensor(logits).double()
+    # max_k softmax_k = 1 / sum_k exp(l_k - max l): exact, no (..., K) probability tensor kept around.
+    return 1.0 / torch.exp(logits - logits.amax(-1, keepdim=True)).sum(-1)
+
+
+def fit_thresholds(confidence: torch.Tensor, fractions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thresholds (L,) that make `fractions` of the samples leave at each exit, and the resulting exit_index (N,).
+
+    confidence: (N, L) exit confidences (max softmax). A threshold of +inf closes an exit, the last one is -inf.
+    """
+    if confidence.ndim != 2:
+        raise ValueError(f"confidence must be (N, L), got shape {tuple(confidence.shape)}")
+    n, n_exits = confidence.shape
+    fractions = torch.as_tensor(fractions, dtype=torch.float64)
+    if fractions.shape != (n_exits,) or (fractions < 0).any() or abs(float(fractions.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be {n_exits} non-negative shares summing to 1, got {fractions.tolist()}")
+    device = confidence.device
+    # Cumulative target counts, rounded once: |count_k - N f_k| < 1 for every exit and the counts sum to N.
+    cum_target = torch.round(n * torch.cumsum(fractions, 0)).long().tolist()
+    thresholds = torch.full((n_exits,), float("inf"), dtype=confidence.dtype, device=device)
+    thresholds[-1] = float("-inf")
+    exit_index = torch.full((n,), n_exits - 1, dtype=torch.long, device=device)
+    in_flight = torch.ones(n, dtype=torch.bool, device=device)
+    n_out = 0
+    for k in range(n_exits - 1):
+        want = cum_target[k] - n_out          # <= samples in flight, since cum_target <= N
+        if want <= 0:
+            continue
+        conf_k = torch.where(in_flight, confidence[:, k], float("-inf"))
+        thr = torch.topk(conf_k, want, sorted=True).values[-1]
+        leaving = in_flight & (confidence[:, k] >= thr)
+        thresholds[k] = thr
+        exit_index[leaving] = k
+        in_flight &= ~leaving
+        n_out += int(leaving.sum())
+    return thresholds, exit_index
+
+
+def exit_by_thresholds(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """(N, L) confidences, (L,) thresholds -> (N,) first exit whose confidence reaches its threshold."""
+    leaves = confidence >= thresholds.to(confidence)
+    leaves[:, -1] = True
+    return leaves.int().argmax(dim=1)    # argmax returns the first maximal index
+
+
+def threshold_sweep(v1_logits, eval_logits: dict, p_grid=DEFAULT_P_GRID) -> list[dict]:
+    """For each p: thresholds fitted on V1 logits (N1, L, K), exit_index (numpy) for every split in eval_logits.
+
+    Returns [{"p", "thresholds" (L,) numpy, "fractions" (L,) numpy, "v1_exit_index", <split>: exit_index}, ...].
+    """
+    conf_v1 = max_softmax(v1_logits)
+    conf_eval = {name: max_softmax(logits) for name, logits in eval_logits.items()}
+    n_exits = conf_v1.shape[1]
+    points = []
+    for p in p_grid:
+        fractions = budget_fractions(float(p), n_exits)
+        thr, v1_exit = fit_thresholds(conf_v1, fractions)
+        point = {"p": float(p), "thresholds": thr.cpu().numpy(), "fractions": fractions.numpy(),
+                 "v1_exit_index": v1_exit.cpu().numpy()}
+        for name, conf in conf_eval.items():
+            point[name] = exit_by_thresholds(conf, thr).cpu().numpy()
+        points.append(point)
+    return points

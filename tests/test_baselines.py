@@ -1,0 +1,215 @@
+"""Baselines and ablations (heads/thresholds.py, heads/baselines.py) on tiny synthetic cached features."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from heads.baselines import (
+    LAMBDA_METHODS, METHODS, BaselineSettings, WeightPredictionNet, boosted_ensemble, diffbranch_loss,
+    l2w_weights, run_baselines, split_logits, train_boosted, train_fixed_ims, train_l2w,
+)
+from heads.evaluate import evaluate
+from heads.model import StackedHeads
+from heads.thresholds import (
+    DEFAULT_P_GRID, budget_fractions, exit_by_thresholds, fit_thresholds, max_softmax, threshold_sweep,
+)
+from heads.train import SplitTensors, TrainData, TrainSettings, _seeds, exit_cross_entropy, warmup
+
+DIMS = [5, 6, 6, 7]
+K = 3
+SETTINGS = TrainSettings(batch_size=16, max_epochs=3, warmup_epochs=1, patience=2, bi_switch=3)
+
+
+def _split(n, gen, frozen_last):
+    """Class-dependent features whose signal grows with depth, and a frozen 'backbone head' on the last exit."""
+    labels = torch.randint(0, K, (n,), generator=gen)
+    feats = []
+    for l, d in enumerate(DIMS):
+        means = torch.randn(K, d, generator=torch.Generator().manual_seed(100 + l))
+        feats.append((0.4 * (l + 1) * means[labels] + torch.randn(n, d, generator=gen)).contiguous())
+    logits = 2.0 * torch.nn.functional.one_hot(labels, K).float() + torch.randn(n, K, generator=gen)
+    return SplitTensors(feats, labels, logits if frozen_last else None)
+
+
+def _data(frozen_last=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    costs = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    data = TrainData(_split(96, gen, frozen_last), _split(50, gen, frozen_last), _split(50, gen, frozen_last),
+                     costs / costs[-1], K)
+    return data, _split(60, gen, frozen_last)
+
+
+# ---- threshold gating ----------------------------------------------------------------------------------------------
+def test_budget_fractions_are_normalised_powers_of_p():
+    for p in (0.05, 0.5, 1.0, 1.95):
+        f = budget_fractions(p, 6)
+        assert abs(float(f.sum()) - 1) < 1e-12
+        np.testing.assert_allclose((f[1:] / f[:-1]).numpy(), p, rtol=1e-9)
+    with pytest.raises(ValueError, match="p must be > 0"):
+        budget_fractions(0.0, 4)
+
+
+@pytest.mark.parametrize("n", [37, 1001])
+def test_threshold_search_reproduces_requested_fractions_on_v1(n):
+    gen = torch.Generator().manual_seed(n)
+    conf = torch.rand(n, 7, generator=gen, dtype=torch.float64)
+    for p in DEFAULT_P_GRID:
+        fractions = budget_fractions(p, 7)
+        thr, exit_index = fit_thresholds(conf, fractions)
+        counts = torch.bincount(exit_index, minlength=7).double()
+        assert float((counts - n * fractions).abs().max()) < 1.0, (p, counts.tolist())
+        # the fitted thresholds, applied as at test time, route V1 exactly as the search did
+        assert torch.equal(exit_by_thresholds(conf, thr), exit_index)
+        # sequential semantics: a sample leaves at k iff it did not leave earlier and conf_k >= thr_k
+        first = (conf >= thr).int()
+        first[:, -1] = 1
+        assert torch.equal(first.argmax(1), exit_index)
+
+
+def test_threshold_sweep_on_logits_and_ties():
+    gen = torch.Generator().manual_seed(3)
+    v1, v2 = torch.randn(200, 4, 5, generator=gen), torch.randn(80, 4, 5, generator=gen)
+    points = threshold_sweep(v1.numpy(), {"v2": v2.numpy()}, p_grid=(0.3, 1.0, 1.7))
+    assert [pt["p"] for pt in points] == [0.3, 1.0, 1.7]
+    for pt in points:
+        hist = np.bincount(pt["v1_exit_index"], minlength=4)
+        assert np.abs(hist - 200 * pt["fractions"]).max() < 1
+        assert pt["v2"].shape == (80,) and pt["v2"].min() >= 0 and pt["v2"].max() < 4
+    # max_softmax is the exact max of the softmax, in float64
+    assert torch.allclose(max_softmax(v1), torch.softmax(v1.double(), -1).amax(-1), rtol=0, atol=1e-12)
+    # all confidences tied: the first exit takes everyone (no way to split ties), nothing breaks
+    thr, exit_index = fit_thresholds(torch.full((10, 3), 0.5, dtype=torch.float64), budget_fractions(1.0, 3))
+    assert exit_index.tolist() == [0] * 10 and thr[-1] == float("-inf")
+
+
+# ---- BoostedNet ----------------------------------------------------------------------------------------------------
+def test_boosted_ensemble_equals_its_recursion_and_detaches_history():
+    gen = torch.Generator().manual_seed(0)
+    o = torch.randn(2, 5, 6, 4, generator=gen, requires_grad=True)
+    gamma, n_boosted = 0.5, 5
+    ens = boosted_ensemble(o, gamma, n_boosted)
+    for s in range(6):
+        if s < n_boosted:
+            expected = sum(gamma ** (s - j) * o[..., j, :] for j in range(s + 1))   # F_s = sum gamma^(s-j) o_j
+        else:
+            expected = o[..., s, :]                                                 # frozen head: untouched
+        assert torch.allclose(ens[..., s, :], expected, atol=1e-6)
+        if 0 < s < n_boosted:
+            assert torch.equal(ens[..., s, :], o[..., s, :] + gamma * ens[..., s - 1, :])
+    # training form: same values, but exit s's loss only reaches its own weak learner o_s
+    ens_train = boosted_ensemble(o, gamma, n_boosted, detach=True)
+    assert torch.equal(ens_train, ens)
+    (grad,) = torch.autograd.grad(ens_train[..., 3, :].sum(), o)
+    assert grad[..., 3, :].abs().min() > 0
+    assert grad[..., [0, 1, 2, 4, 5], :].abs().max() == 0
+
+
+# ---- L2W-DEN -------------------------------------------------------------------------------------------------------
+def test_l2w_weights_have_mean_one_and_bounded_spread():
+    wpn = WeightPredictionNet(4, 16, seed=1)
+    losses = torch.rand(33, 4, generator=torch.Generator().manual_seed(2)) * 5
+    for eps, scale in ((0.0, 1.0), (0.3, 1.0), (0.3, 1e3), (1.0, 1e3)):   # 1e3: tanh saturates, probe the bounds
+        with torch.no_grad():
+            w = l2w_weights(wpn(losses * scale), eps)
+        assert w.shape == (33, 4)
+        assert abs(float(w.mean()) - 1.0) < 1e-6
+        assert float(w.min()) >= 1 - 2 * eps - 1e-6 and float(w.max()) <= 1 + 2 * eps + 1e-6
+
+
+def test_l2w_meta_learns_the_weight_network():
+    data, _ = _data(frozen_last=True)
+    # no weight decay on the WPN: any change of its weights comes from the meta-gradient through the look-ahead
+    bs = BaselineSettings(l2w_meta_lr=1e-2, l2w_meta_weight_decay=0.0, l2w_hidden=8)
+    heads, wpn = train_l2w(data, dataclasses.replace(SETTINGS, max_epochs=1, warmup_epochs=0), bs)
+    init = WeightPredictionNet(len(DIMS), 8, seed=_seeds(SETTINGS.seed)[2])
+    assert all(not torch.equal(a, b) for a, b in zip(wpn.parameters(), init.parameters()))
+    assert heads.n_trials == 1 and int(heads.epochs_trained[0]) == 1
+
+
+# ---- learned gates -------------------------------------------------------------------------------------------------
+def test_fixed_ims_leave_im_weights_bit_identical():
+    data, _ = _data(frozen_last=True)
+    warm = warmup(data, SETTINGS)
+    heads = train_fixed_ims(data, warm, [0.05, 0.5], SETTINGS)
+    weights, biases = warm.initial_ims(SETTINGS.lr, SETTINGS.weight_decay, SETTINGS.warmup_epochs)
+    for t in range(2):
+        for got, want in zip(heads.im_weight, weights):
+            assert torch.equal(got[:, t], want[:, 0])
+        for got, want in zip(heads.im_bias, biases):
+            assert torch.equal(got[t], want[0])
+    # ... while the gates did learn
+    init = StackedHeads.init(data.exit_dims, K, 2, data.trains_last, _seeds(SETTINGS.seed)[0])
+    assert not torch.equal(heads.gate_weight, init.gate_weight)
+
+
+def test_diffbranch_loss_reaches_ims_and_gates():
+    data, _ = _data(frozen_last=False)
+    heads = StackedHeads.init(data.exit_dims, K, 2, data.trains_last, seed=0)
+    heads.gate_bias -= 3.0     # small g^l: every exit keeps some probability mass (eq. 8's min does not clip)
+    params = heads.im_params() + heads.gate_params()
+    for p in params:
+        p.requires_grad_(True)
+    loss = diffbranch_loss(heads, *data.train.rows(slice(0, 32)), torch.tensor([0.1, 1.0]), data.ic_norm)
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        assert g.abs().sum() > 0, p.shape
+
+
+def test_boosted_training_lowers_the_ensemble_loss():
+    data, _ = _data(frozen_last=False)
+    heads = train_boosted(data, SETTINGS, 0.5)
+    assert heads.n_trials == 1 and len(heads.im_weight) == len(DIMS)   # the trained last head joins the ensemble
+    assert 1 <= int(heads.epochs_trained[0]) <= SETTINGS.max_epochs
+    init = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, _seeds(SETTINGS.seed)[0])
+
+    def v2_loss(h):
+        ens = boosted_ensemble(split_logits(h, data.v2), 0.5, len(DIMS))
+        return float(exit_cross_entropy(ens, data.v2.labels).mean())
+    assert v2_loss(heads) < 0.8 * v2_loss(init)
+
+
+# ---- every method end to end ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_every_method_end_to_end(frozen_last):
+    data, test = _data(frozen_last)
+    bs = BaselineSettings(p_grid=(0.4, 1.0, 1.6), l2w_hidden=8)
+    lambdas = (0.05, 1.0)
+    messages = []
+    points = run_baselines(data, test, METHODS, SETTINGS, bs, lambdas=lambdas, log=messages.append)
+    by_method = {m: [pt for pt in points if pt.method == m] for m in METHODS}
+    for m, pts in by_method.items():
+        assert len(pts) == (len(lambdas) if m in LAMBDA_METHODS else len(bs.p_grid)), m
+        for i, (method, param, v2, test_out, extra) in enumerate(pts):
+            assert v2.logits.shape == (50, len(DIMS), K) and test_out.logits.shape == (60, len(DIMS), K)
+            assert np.isfinite(v2.logits).all() and np.isfinite(test_out.logits).all()
+            assert extra["train_seconds"] >= 0
+            if i == 0:    # the JEI-DNN evaluation accepts every method's outputs
+                res = evaluate(v2, test_out, [1.0, 2.0, 3.0, 4.0], n_partitions=5)
+                assert 0 <= res["test"]["accuracy"] <= 1 and 0.25 <= res["test"]["cost_norm"] <= 1
+            if m not in LAMBDA_METHODS:
+                hist = np.asarray(extra["v1_exit_hist"])
+                assert np.abs(hist - 50 * np.asarray(extra["fractions"])).max() < 1
+    # the budget grid moves the operating point: more mass on late exits costs more
+    for m in ("threshold", "boosted", "l2w"):
+        costs = [np.asarray([1, 2, 3, 4])[pt.v2.exit_index].mean() for pt in by_method[m]]
+        assert costs[0] < costs[-1], (m, costs)
+    # BoostedNet gates on its ensemble: exit 1 is the first weak learner alone, later exits differ from plain IMs
+    boosted = by_method["boosted"][0].v2.logits
+    assert not np.allclose(boosted[:, 1], by_method["threshold"][0].v2.logits[:, 1])
+    if frozen_last:   # the backbone's head is never touched by any method
+        for pts in by_method.values():
+            np.testing.assert_array_equal(pts[0].v2.logits[:, -1], data.v2.logits.numpy())
+    assert messages and messages[0].startswith("warm-up")
+
+
+def test_run_baselines_rejects_bad_requests():
+    data, test = _data()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_baselines(data, test, ["msdnet"], SETTINGS)
+    with pytest.raises(ValueError, match="need lambdas"):
+        run_baselines(data, test, ["diffbranch"], SETTINGS)
+    other, _ = _data(frozen_last=False)
+    with pytest.raises(ValueError, match="does not match"):
+        run_baselines(other, test, ["threshold"], SETTINGS)
+    with pytest.raises(ValueError, match="l2w_epsilon"):
+        BaselineSettings(l2w_epsilon=0.0)
