@@ -17,6 +17,7 @@ import click
 from cache.cli import cache_group
 from extract.cli import costs_cmd, extract_cmd
 from extract.finetune_cli import finetune_cmd
+from heads.cli import fit_cmd, report_cmd, sweep_cmd, train_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -28,6 +29,8 @@ cli.add_command(extract_cmd)
 cli.add_command(costs_cmd)
 cli.add_command(cache_group)
 cli.add_command(finetune_cmd)
+for command in (train_cmd, sweep_cmd, fit_cmd, report_cmd):
+    cli.add_command(command)
 
 if __name__ == "__main__":
     cli()

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""How fast is a lambda sweep from the cache? A synthetic CIFAR-100-on-T2T-ViT-14-shaped cache, the default
+20-point sweep at the paper's CIFAR-100 epoch budget, and what it is compared with.
+
+    python bench/sweep_speed.py            # 40k/10k/10k rows, 14 exits, D=384, K=100, max 30 epochs
+    python bench/sweep_speed.py --small    # a one-minute smoke run of the same code
+    python bench/sweep_speed.py --device cuda
+
+Printed: the sweep's wall time (warm-up, stacked bi-level pass, evaluation), the same epochs' bare matrix-multiply
+work (forward + weight-gradient products of every IM for every trial, no autograd, no gates: a floor for this
+work), the lambdas trained one at a time with the same code (a few timed, the rest extrapolated), peak memory
+(ru_maxrss), and GPU time when the device is CUDA.
+
+Epoch budget: appendix 9.1.2 reads "15 epochs for CIFAR10 and SVHN, 20 for CIFAR100LT and 30 for CIFAR100LT";
+the second "CIFAR100LT" is a typo for CIFAR100 (the only dataset left), so CIFAR-100 gets max 30 epochs. The
+warm-up is TrainSettings' default (2 epochs) inside that budget.
+"""
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
+
+from cache.store import create_or_resume, open_cache  # noqa: E402
+from heads.sweep import Session, SweepSettings, parse_lambdas, run_sweep  # noqa: E402
+from heads.train import TrainSettings, train_stack  # noqa: E402
+
+FULL = {"train": 40_000, "val": 10_000, "test": 10_000, "exits": 14, "dim": 384, "classes": 100}
+SMALL = {"train": 2_000, "val": 600, "test": 600, "exits": 6, "dim": 64, "classes": 20}
+T2T14_BLOCK_MACS = 321.5e6    # Table 3: IC^l grows by ~321.5M Mul-Adds per block after 626.2M at block 1
+T2T14_STEM_MACS = 304.7e6
+
+
+def write_synthetic_cache(path, sizes: dict, n_exits: int, dim: int, num_classes: int, seed: int = 0,
+                          chunk_rows: int = 256, head_is_task_head: bool = True) -> Path:
+    """A complete cache written through cache.store's writer. Sample i of class y has representation
+    s_il * mu_y + N(0, 1) at exit l, with class means mu_y ~ N(0, 16 I / dim) and a class signal s_il that grows
+    with depth and arrives later for harder samples (a per-sample difficulty), so that early exits pay off for
+    some samples only. The backbone head's logits are a linear read-out of the last representation (stored when
+    head_is_task_head; otherwise stage two trains a last IM like the others)."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((num_classes, dim)).astype(np.float32) * (4.0 / np.sqrt(dim))
+    depth = np.arange(1, n_exits + 1) / n_exits
+    macs = [T2T14_STEM_MACS + T2T14_BLOCK_MACS * l for l in range(1, n_exits + 1)]
+    manifest = {
+        "backbone": "synthetic-t2t_vit_14", "weights": {"path": None, "sha256": None, "source": "synthetic"},
+        "num_classes": num_classes, "img_size": 224, "tokens": "cls", "head_is_task_head": head_is_task_head,
+        "exits": [{"exit": l + 1, "name": f"blocks.{l}", "dim": dim, "cumulative_backbone_macs": int(m),
+                   "represent_macs": 0, "cumulative_total_macs": int(m)} for l, m in enumerate(macs)],
+        "dataset": {"name": "synthetic", "seed": seed, "sizes": dict(sizes)},
+    }
+    layout = {"splits": dict(sizes), "exit_dims": [dim] * n_exits, "num_classes": num_classes,
+              "with_logits": head_is_task_head, "chunk_rows": chunk_rows, "tokens": None}
+    writer = create_or_resume(path, manifest, layout)
+    for split, n in sizes.items():
+        split_rng = np.random.default_rng([seed, list(sizes).index(split)])
+        for i in writer.pending_chunks(split):
+            lo, hi = writer.chunk_range(split, i)
+            labels = split_rng.integers(0, num_classes, hi - lo)
+            difficulty = split_rng.uniform(0.0, 1.0, hi - lo)
+            # signal rises from ~0 to ~1 around depth = difficulty (a logistic ramp), plus a small base level
+            signal = 0.15 + 1.0 / (1.0 + np.exp(-12.0 * (depth[None, :] - difficulty[:, None])))
+            feats = [signal[:, l, None] * means[labels] + split_rng.standard_normal((hi - lo, dim))
+                     .astype(np.float32) for l in range(n_exits)]
+            logits = feats[-1] @ means.T * 3.0 if head_is_task_head else None
+            writer.write_chunk(split, i, feats, labels, logits)
+    return writer.finish()
+
+
+def bare_matmul_epoch(n_train: int, n_exits: int, dim: int, num_classes: int, n_trials: int, batch: int,
+                      device: str) -> float:
+    """Seconds of one epoch of the stack's essential products: per mini-batch and trained IM, the forward
+    x (B, D) @ W (D, T*K) and the weight gradient x^T (D, B) @ dY (B, T*K)."""
+    x = torch.randn(n_train, dim, device=device)
+    w = torch.randn(dim, n_trials * num_classes, device=device)
+    dy = torch.randn(batch, n_trials * num_classes, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    for lo in range(0, n_train, batch):
+        xb = x[lo:lo + batch]
+        for _ in range(n_exits - 1):          # the last exit is the frozen backbone head
+            xb @ w
+            xb.T @ dy[:xb.shape[0]]
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="a quick smoke run on a small cache")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-epochs", type=int, default=30, help="CIFAR-100 budget of appendix 9.1.2")
+    parser.add_argument("--lambdas", default="0.01:10")
+    parser.add_argument("--alone", type=int, default=2, help="lambdas trained one at a time, then extrapolated")
+    parser.add_argument("--workdir", default=None, help="where to build the cache (default: a temporary folder)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    args = parser.parse_args(argv)
+    shape = SMALL if args.small else FULL
+    sizes = {s: shape[s] for s in ("train", "val", "test")}
+    lambdas = parse_lambdas(args.lambdas)
+    settings = TrainSettings(max_epochs=args.max_epochs, device=args.device)
+    print(f"shape: {sizes}, {shape['exits']} exits, D={shape['dim']}, K={shape['classes']}; "
+          f"{len(lambdas)} lambdas {lambdas[0]:g}..{lambdas[-1]:g}; max_epochs={settings.max_epochs}, "
+          f"warmup_epochs={settings.warmup_epochs}, batch {settings.batch_size}; device {args.device}; "
+          f"torch threads {torch.get_num_threads()}")
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        start = time.perf_counter()
+        cache = write_synthetic_cache(Path(tmp) / "bench.zarr", sizes, shape["exits"], shape["dim"], shape["classes"])
+        print(f"cache written through cache.store in {time.perf_counter() - start:.1f} s")
+
+        gpu = torch.cuda.Event(enable_timing=True) if args.device.startswith("cuda") else None
+        if gpu:
+            gpu.record()
+            gpu_end = torch.cuda.Event(enable_timing=True)
+        start = time.perf_counter()
+        result = run_sweep(cache, SweepSettings(tuple(lambdas)), settings, Path(tmp) / "run",
+                           progress=not args.no_progress, log=lambda *_: None)
+        total = time.perf_counter() - start
+        if gpu:
+            gpu_end.record()
+            torch.cuda.synchronize()
+        t = result.settings["timings"]
+        chosen = sorted((r for r in result.rows if r["method"] == "jei" and r["split"] == "test"),
+                        key=lambda r: r["lam"])
+        epochs = [r["epochs"] for r in chosen]
+        budget = settings.max_epochs - settings.warmup_epochs
+        # a trial stops `patience` epochs after its best one (or at the budget); the stack runs until the last stops
+        stack_epochs = max(min(e + settings.patience, budget) for e in epochs)
+        print(f"sweep: {total:.1f} s wall = warm-up {t['warmup_seconds']:.1f} s + bi-level stack "
+              f"{t['train_seconds'] - t['warmup_seconds']:.1f} s + evaluation {t['evaluate_seconds']:.1f} s "
+              f"+ loading/writing {total - t['train_seconds'] - t['evaluate_seconds']:.1f} s")
+        print(f"best bi-level epoch per lambda (of {budget}; each stops {settings.patience} epochs later): {epochs}; "
+              f"the stack ran {stack_epochs} bi-level epochs")
+        print("test accuracy / normalised cost per lambda: " +
+              ", ".join(f"{r['lam']:.3g}: {r['accuracy']:.3f}/{r['cost_norm']:.2f}" for r in chosen))
+        if gpu:
+            print(f"GPU time (CUDA events around the sweep): {gpu.elapsed_time(gpu_end) / 1000:.1f} s")
+
+        epoch_args = (sizes["train"], shape["exits"], shape["dim"], shape["classes"])
+        bare_epoch = bare_matmul_epoch(*epoch_args, len(lambdas), settings.batch_size, args.device)
+        bare = bare_epoch * stack_epochs + settings.warmup_epochs * bare_matmul_epoch(
+            *epoch_args, 1, settings.batch_size, args.device)
+        train_total = t["train_seconds"]
+        print(f"per bi-level epoch: stack {(train_total - t['warmup_seconds']) / stack_epochs:.2f} s (with the "
+              f"per-epoch V1/V2 passes), bare matmul {bare_epoch:.2f} s")
+        print(f"bare matmul work of the same epochs ({stack_epochs} stacked bi-level + {settings.warmup_epochs} "
+              f"warm-up): {bare:.1f} s; training runs at {bare / train_total:.2f} x the bare-matmul speed "
+              f"(target >= 0.5)")
+
+        # lambdas one at a time, same code: the warm-up is shared (as a user would reuse it), each lambda its own pass
+        with open_cache(cache) as c:
+            session = Session(c, settings, progress=not args.no_progress)
+            warm = session.warmed(settings, [{"lam": lam} for lam in lambdas])
+            picks = [lambdas[round(i * (len(lambdas) - 1) / max(args.alone - 1, 1))] for i in range(args.alone)]
+            alone = []
+            for lam in picks:
+                start = time.perf_counter()
+                train_stack(session.data, warm, [{"lam": lam}], settings)
+                alone.append(time.perf_counter() - start)
+        per_lambda = float(np.mean(alone))
+        one_by_one = per_lambda * len(lambdas) + t["warmup_seconds"]
+        print(f"one lambda at a time: {', '.join(f'{s:.1f}' for s in alone)} s for lambdas "
+              f"{', '.join(f'{x:.3g}' for x in picks)}; extrapolated to {len(lambdas)} lambdas: {one_by_one:.1f} s "
+              f"-> the stacked sweep trains {one_by_one / train_total:.1f} x faster")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+    print(f"peak resident memory: {peak:.2f} GiB")
+    if args.device.startswith("cuda"):
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""`train`, `sweep`, `fit` and `report`: stage two from a feature cache to a run directory and its plots.
+
+    python pipeline.py train  --cache CACHE --lam 0.5 --out RUN
+    python pipeline.py sweep  --cache CACHE --lambdas 0.01:10 --out RUN --grid warmup_epochs=1:5 --grid lr=0.01,0.003
+    python pipeline.py fit    --cache CACHE --target-cost 0.5 --out RUN
+    python pipeline.py report RUN [--lam 1.0]
+
+--cache may be left out when exactly one complete cache exists under cache/; --out defaults to
+runs/<command>-<settings hash>. The training options mirror heads.train.TrainSettings (appendix 9.1.2 defaults);
+torch and the training code are imported only when a command runs.
+"""
+from pathlib import Path
+
+import click
+
+TRAIN_OPTIONS = (
+    click.option("--lr", type=float, default=None, help="Adam learning rate (default 0.01)."),
+    click.option("--weight-decay", type=float, default=None, help="Adam L2 weight decay (default 5e-4)."),
+    click.option("--batch-size", type=int, default=None, help="Mini-batch size (default 64)."),
+    click.option("--max-epochs", type=int, default=None,
+                 help="Warm-up + bi-level epochs at most (default 15; the paper uses 30 for CIFAR-100)."),
+    click.option("--warmup-epochs", type=int, default=None, help="Warm-up epochs of the IMs (default 2)."),
+    click.option("--bi-switch", type=int, default=None, help="Batches between GATE/CLASSIFIER switches (default 200)."),
+    click.option("--patience", type=int, default=None, help="Epochs without a better V2 objective (default 4)."),
+    click.option("--targets", type=click.Choice(["subsequent", "ifmin"]), default=None,
+                 help="Gate targets: ExitSubsequent (eq. 31, default) or ExitIfMin (eq. 32)."),
+    click.option("--full-gradient/--no-full-gradient", default=None, help="JEI-DNN-FULL: eq. 29 (default off)."),
+    click.option("--im-loss", type=click.Choice(["weighted", "uniform"]), default=None,
+                 help="IM loss: weighted by P(G=l|x) (eq. 30, default) or plain cross-entropy."),
+    click.option("--seed", type=int, default=None, help="Seed of weights and batch order (default 0)."),
+    click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+)
+RUN_OPTIONS = (
+    click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
+                 help="Feature cache (default: the only complete cache under cache/)."),
+    click.option("--out", type=click.Path(path_type=Path), default=None,
+                 help="Run directory (default: runs/<command>-<settings hash>)."),
+    click.option("--overwrite", is_flag=True, help="Replace a run of other settings at --out."),
+    click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
+)
+TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "max_epochs", "warmup_epochs", "bi_switch", "patience",
+                "targets", "full_gradient", "im_loss", "seed", "device")
+
+
+def _options(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _train_settings(kwargs: dict):
+    """TrainSettings from the options given (the others keep the dataclass defaults)."""
+    import torch
+
+    from heads.train import TrainSettings
+    given = {k: kwargs.pop(k) for k in TRAIN_FIELDS}
+    given = {k: v for k, v in given.items() if v is not None}
+    given.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return TrainSettings(**given)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _cache(path):
+    from cache.store import CacheError, find_default_cache
+    if path is not None:
+        return path
+    try:
+        return find_default_cache()
+    except CacheError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _parsed(parse, hint):
+    """A click callback that parses with heads.sweep's parser and turns its ValueError into a usage error."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        from heads import sweep
+        try:
+            return getattr(sweep, parse)(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint=hint) from None
+    return callback
+
+
+def _thresholds(ctx, param, value):
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(not 0 < v < 1 for v in values):
+        raise click.BadParameter(f"{value!r}: expected thresholds in (0, 1) as a,b,c, or 'none'",
+                                 param_hint="--thresholds")
+    return values
+
+
+THRESHOLD_OPTION = click.option(
+    "--thresholds", default="0.2,0.35,0.65,0.8", show_default=True, callback=_thresholds,
+    help="Gate thresholds besides 0.5 traced for the selected models (rows method=jei-threshold), or 'none'.")
+
+
+def _run(work):
+    """Runs a stage-two job; bad input and run-directory conflicts become one-line errors."""
+    try:
+        return work()
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _summarise(result):
+    from heads.report import results_table
+    click.echo(results_table(result.rows))
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(f"run directory: {result.path}")
+
+
+@click.command("train")
+@click.option("--lam", type=float, required=True, help="Cost weight lambda (> 0).")
+@_options(RUN_OPTIONS)
+@THRESHOLD_OPTION
+@_options(TRAIN_OPTIONS)
+def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
+    """Train one JEI-DNN model (IMs + gates) from a feature cache, evaluate it, write a run directory."""
+    if not lam > 0:
+        raise click.BadParameter(f"{lam} must be > 0", param_hint="--lam")
+    settings = _train_settings(kwargs)
+    from heads.sweep import SweepSettings, run_sweep
+    result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
+                                    command="train", overwrite=overwrite, progress=progress, log=click.echo))
+    _summarise(result)
+
+
+@click.command("sweep")
+@click.option("--lambdas", default="0.01:10", show_default=True, callback=_parsed("parse_lambdas", "--lambdas"),
+              help="A:B (20 log-spaced points), A:B:N (N points), a,b,c, or one value.")
+@click.option("--grid", multiple=True, help="key=values over a TrainSettings field, repeatable: lr=0.01,0.003, "
+              "warmup_epochs=1:5 (integer range), weight_decay=1e-5:1e-3:3 (N log-spaced points).")
+@_options(RUN_OPTIONS)
+@THRESHOLD_OPTION
+@_options(TRAIN_OPTIONS)
+def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, **kwargs):
+    """Train every lambda (x every grid combination) in one stacked pass, select per lambda on V2, record all."""
+    from heads.sweep import SweepSettings, check_grid, grid_items, parse_grid, run_sweep
+    try:
+        items = grid_items(parse_grid(grid))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--grid") from None
+    settings = _train_settings(kwargs)
+    try:
+        check_grid(settings, items)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--grid") from None
+    result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(tuple(lambdas), items, thresholds), settings,
+                                    out, overwrite=overwrite, progress=progress, log=click.echo))
+    _summarise(result)
+
+
+@click.command("fit")
+@click.option("--target-cost", type=float, required=True,
+              help="Most V2 Mul-Adds allowed, as a fraction of the full network's (0 < c <= 1).")
+@click.option("--lam-range", default="0.001:100", show_default=True, callback=_parsed("parse_lambdas", "--lam-range"),
+              help="First bracket A:B; widened when it does not contain the target.")
+@click.option("--points", type=int, default=6, show_default=True, help="Lambdas trained together per round.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Refinement rounds inside the bracket.")
+@_options(RUN_OPTIONS)
+@THRESHOLD_OPTION
+@_options(TRAIN_OPTIONS)
+def fit_cmd(target_cost, lam_range, points, rounds, cache_path, out, overwrite, progress, thresholds, **kwargs):
+    """Search lambda for the most accurate model whose V2 cost is at most --target-cost."""
+    from heads.sweep import FitSettings, fit_target_cost
+    if len(lam_range) < 2:
+        raise click.BadParameter("give a range A:B", param_hint="--lam-range")
+    try:
+        fit = FitSettings(target_cost, lam_range[0], lam_range[-1], points, rounds, thresholds=thresholds)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    settings = _train_settings(kwargs)
+    result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
+                                          progress=progress, log=click.echo))
+    _summarise(result)
+    chosen = {r["split"]: r for r in result.rows if r["method"] == "jei" and r["selected"]}
+    test, v2 = chosen["test"], chosen["v2"]
+    click.echo(f"chosen lambda {test['lam']:.4g} (V2 cost {v2['cost_norm']:.3f} <= {target_cost:g}): test accuracy "
+               f"{test['accuracy']:.4f} [{test['accuracy_ci_low']:.4f}, {test['accuracy_ci_high']:.4f}], "
+               f"test cost {test['cost_norm']:.3f} of IC^L ({test['cost_macs']:.4g} Mul-Adds), "
+               f"ECE {test['ece']:.4f} -> {test['ece_temp']:.4f} after temperature")
+
+
+@click.command("report")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--lam", type=float, default=None, help="Lambda of the exit decomposition (default: the middle one).")
+@click.option("--split", type=click.Choice(["test", "v2"]), default="test", show_default=True)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNGs into RUN.")
+def report_cmd(run, lam, split, plots):
+    """Print the results table of a run directory and write its plots (figures 2, 3 and 5 of the paper)."""
+    from heads.report import results_table, write_plots
+    from heads.rundir import read_results
+    try:
+        rows, settings = read_results(run)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
+    identity = settings.get("identity", {})
+    click.echo(f"{identity.get('command', 'run')} on {settings['cache']['path']} "
+               f"(fingerprint {settings['cache']['fingerprint'][:12]}), settings {settings['settings_hash']}")
+    click.echo(results_table(rows, split))
+    for line in settings.get("warnings", []):
+        click.echo(f"warning: {line}", err=True)
+    if plots:
+        for path in _run(lambda: write_plots(rows, run, lam, split)):
+            click.echo(f"wrote {path}")
+
+
+COMMANDS = (train_cmd, sweep_cmd, fit_cmd, report_cmd)

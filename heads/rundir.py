@@ -1,0 +1,168 @@
+"""The run directory that `train`, `sweep` and `fit` write and `report` reads.
+
+    RUN/settings.json       what the run is and where it stands: settings_hash, identity (command, cache fingerprint,
+                            resolved TrainSettings, lambdas, grid, gate thresholds / fit settings), cache (path,
+                            fingerprint, backbone, dataset, per-exit costs), status ("training" -> "evaluating" ->
+                            "complete"), timings (warm-up, training, evaluation seconds), warnings (lambda range)
+    RUN/heads.safetensors   the trained heads, one file: tensor "g<group>/<name>" is entry <name> of the
+                            StackedHeads.state_dict() of stacked pass <group> (trials along axis 0); group "warmup"
+                            holds the warm-up IMs behind the single-exit rows
+    RUN/heads.json          the index: {"settings_hash", "groups": [{"group", "settings" (that pass's TrainSettings),
+                            "trials": [{"trial", "lam", grid values...} in stack order], "seconds"}]}
+    RUN/results.parquet     one row per trial and split, columns below; the schema metadata holds the settings.json
+                            object (key b"jei.settings", JSON) and the cache fingerprint (b"jei.cache_fingerprint")
+    RUN/*.png               plots written by `report` (heads/report.py)
+
+Every file is written to a temporary name in RUN and renamed over the old one, so a killed run never leaves a
+half-written file. settings.json is written before training starts (status "training"), the heads as soon as
+training ends, results.parquet last; rerunning the same command into the same RUN re-uses heads of identical
+settings (heads/sweep.py).
+
+Columns of results.parquet (null where a column does not apply to a row's method; NaN where a metric is undefined):
+    method            "jei": a trained model at gate threshold 0.5 (eq. 4: first exit with P(E^l|x) > 0.5);
+                      "jei-threshold": a selected model at another gate threshold (a cost/accuracy curve from one
+                      model); "single-exit": every sample leaves at one exit (warm-up IMs; exit L is the backbone's
+                      head, or a trained last IM when the cache's head is not the task's), the fixed reference points
+    split             "v2" (second half of the validation split: selection, temperature, conformal thresholds) or
+                      "test"
+    trial             trial id, unique in the run (null for single-exit rows)
+    exit              1-based exit of a single-exit row (null otherwise)
+    lam               lambda of the trial (null for single-exit rows)
+    threshold         gate threshold at inference (0.5 for "jei"; NaN for single-exit rows)
+    warmup_epochs, lr, weight_decay   the trial's values (gridded or from the settings), and one more column per
+                      other gridded TrainSettings field (e.g. bi_switch)
+    selected          sweep/train: the trial of its lambda with the best V2 accuracy among its grid combinations
+                      (ties: lower V2 cost, then lower id); fit: the chosen trial. Only "jei" rows are selected.
+    n_samples         samples in the split
+    accuracy, accuracy_ci_low, accuracy_ci_high         top-1 accuracy of the exited predictions and its 95%
+                      bootstrap interval over 10 partitions (appendix 9.1.1)
+    cost_macs, cost_macs_ci_low, cost_macs_ci_high      expected inference cost (eq. 1) in Mul-Adds, from the cache's
+                      cumulative per-exit costs (eq. 18)
+    cost_norm, cost_norm_ci_low, cost_norm_ci_high      cost_macs / IC^L
+    ece, ece_temp     ECE of the exited max probability, 15 equal-mass bins (eq. 19), before / after temperature
+    temperature       temperature fitted on the V2 exited logits (the same value in both splits' rows)
+    conformal_alphas  list: the requested alphas (0.01 .. 0.20)
+    coverage_<m>, inefficiency_<m>      lists aligned with conformal_alphas: empirical coverage and mean set size,
+                      m in general, ims, strict, gated (appendix 9.3; thresholds fitted on V2)
+    reported_alpha    0.05, the target of the 9.3 reporting rule
+    reported_coverage_<m>, reported_inefficiency_<m>, reported_alpha_used_<m>   the 9.3 rule: alpha' lowered
+                      from 0.05 until the empirical coverage reaches 0.95; the inefficiency there
+    exit_hist         list (L): samples exiting at each exit
+    exit_acc_exited   list (L): accuracy of each exit's IM on the samples that exit there (NaN where none)
+    exit_acc_all      list (L): accuracy of each exit's IM on all samples (figure 3b)
+    epochs            bi-level epochs until the kept (best-on-V2) state; warm-up epochs for single-exit rows
+    seconds           wall time of the stacked pass that trained the trial divided by its number of trials (the
+                      warm-up time for single-exit rows)
+"""
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SETTINGS = "settings.json"
+RESULTS = "results.parquet"
+HEADS = "heads.safetensors"
+HEADS_INDEX = "heads.json"
+META_SETTINGS = b"jei.settings"
+META_FINGERPRINT = b"jei.cache_fingerprint"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file next to path, then rename it over path (atomic on POSIX)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; results are meant to be shared like any file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_jsonable)
+            f.write("\n")
+    _atomic_write(path, write)
+
+
+def _jsonable(value):
+    # numpy scalars and tuples are the only non-JSON values our settings hold
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def settings_hash(identity: dict) -> str:
+    """Short hash of what determines a run's numbers (settings, lambdas, grid, cache fingerprint)."""
+    text = json.dumps(identity, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_settings(run: Path) -> dict | None:
+    path = Path(run) / SETTINGS
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_settings(run: Path, settings: dict) -> None:
+    write_json(Path(run) / SETTINGS, settings)
+
+
+def write_results(run: Path, rows: list[dict], settings: dict) -> None:
+    """results.parquet from one dict per row; the settings and fingerprint go into the schema metadata."""
+    table = pa.Table.from_pylist(rows)
+    metadata = dict(table.schema.metadata or {})
+    metadata[META_SETTINGS] = json.dumps(settings, default=_jsonable).encode()
+    metadata[META_FINGERPRINT] = str(settings["cache"]["fingerprint"]).encode()
+    table = table.replace_schema_metadata(metadata)
+    _atomic_write(Path(run) / RESULTS, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_results(run: Path) -> tuple[list[dict], dict]:
+    """(rows as dicts, settings from the Parquet metadata); a clear error when RUN holds no results."""
+    path = Path(run) / RESULTS
+    if not path.exists():
+        raise FileNotFoundError(f"{run} holds no {RESULTS} (not a run directory, or the run did not finish)")
+    table = pq.read_table(path)
+    settings = json.loads(table.schema.metadata[META_SETTINGS])
+    return table.to_pylist(), settings
+
+
+def save_heads(run: Path, groups: list[dict], settings_hash_: str) -> None:
+    """groups: [{"group": name, "state": StackedHeads.state_dict(), ...JSON-able keys}] -> heads.safetensors
+    (tensor "g<name>/<key>") and heads.json (every group's other keys, in order)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"g{g['group']}/{name}": value.detach().to("cpu").contiguous()
+               for g in groups for name, value in g["state"].items()}
+    index = {"settings_hash": settings_hash_, "groups": [{k: v for k, v in g.items() if k != "state"} for g in groups]}
+    _atomic_write(Path(run) / HEADS, lambda tmp: save_file(tensors, tmp))
+    write_json(Path(run) / HEADS_INDEX, index)
+
+
+def load_heads(run: Path) -> dict | None:
+    """The heads index with each group's state_dict under "state", or None when RUN holds no heads."""
+    from safetensors.torch import load_file
+
+    run = Path(run)
+    if not (run / HEADS).exists() or not (run / HEADS_INDEX).exists():
+        return None
+    with open(run / HEADS_INDEX) as f:
+        index = json.load(f)
+    tensors = load_file(run / HEADS)
+    for group in index["groups"]:
+        prefix = f"g{group['group']}/"
+        group["state"] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return index

@@ -1,0 +1,545 @@
+"""Lambda sweeps, hyperparameter grids and cost-targeted fits of JEI-DNN heads, written to a run directory.
+
+    lambdas = parse_lambdas("0.01:10")                             # 20 log-spaced points
+    grid = parse_grid(["warmup_epochs=1:5", "lr=0.01,0.003"])      # {"warmup_epochs": (1..5), "lr": (...)}
+    run = run_sweep("cache/x.zarr", SweepSettings(tuple(lambdas), grid_items(grid)), TrainSettings(), "runs/a")
+    run = fit_target_cost("cache/x.zarr", FitSettings(target_cost=0.5), TrainSettings(), "runs/fit")
+
+A sweep is: the lambda-independent warm-up once (one pass serves every warm-up epoch count and every (lr, weight
+decay) pair of the grid, heads.train.warmup), then every lambda x grid trial in ONE stacked bi-level pass
+(heads.train.train_stack: lr, weight_decay and warmup_epochs vary per trial inside a stack; a grid over any other
+TrainSettings field needs its own stacked pass per value), each trial early-stopped on its own. Every trial is
+then evaluated on V2 and test (heads.evaluate.evaluate), the trial with the best V2 accuracy of each lambda is
+marked `selected`, the selected models also trace gate-threshold curves (method "jei-threshold"), and the warm-up
+IMs give the fixed single-exit reference points (method "single-exit"). Columns: heads/rundir.py.
+
+Interruption: settings.json is written before training; the heads are saved as soon as training ends; the
+results last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
+skipped, evaluation redone); a run killed during training starts its training again (the warm-up and bi-level
+phase keep no mid-epoch state, and the warm-up takes a few epochs of one model).
+"""
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from heads import rundir
+from heads.evaluate import ExitOutputs, evaluate
+from heads.exits import exit_decision, exit_distribution
+from heads.model import StackedHeads
+from heads.train import TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, train_stack, warmup
+
+LAMBDA_FORMS = "A:B (20 log-spaced points), A:B:N (N points), a,b,c (a list) or one value, all > 0 and A < B"
+DEFAULT_THRESHOLDS = (0.2, 0.35, 0.65, 0.8)   # gate thresholds besides 0.5 for the selected models' curves
+WARMUP_FIELDS = ("batch_size", "seed", "device")   # the TrainSettings fields the warm-up depends on
+REFERENCE_GROUP = "warmup"                         # heads group holding the warm-up IMs (single-exit rows)
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------------
+def _number(text: str, what: str, kind=float, positive=True):
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        raise ValueError(f"{what} {text.strip()!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{what} {text.strip()!r} must be {'> 0' if positive else '>= 0'}")
+    return value
+
+
+def _log_range(text: str, default_points: int | None, what: str) -> list[float]:
+    parts = text.split(":")
+    if len(parts) != 3 and (len(parts) != 2 or default_points is None):
+        raise ValueError(f"{what} {text!r} is not of the form A:B{'[:N]' if default_points else ':N'}")
+    low, high = (_number(p, what) for p in parts[:2])
+    if low >= high:
+        raise ValueError(f"{what} {text!r} needs A < B")
+    points = _number(parts[2], f"{what} point count", int) if len(parts) == 3 else default_points
+    return [float(v) for v in np.geomspace(low, high, points)]
+
+
+def parse_lambdas(text: str) -> list[float]:
+    """`A:B` -> 20 log-spaced points, `A:B:N` -> N points, `a,b,c` -> the list, `x` -> [x]; sorted, unique."""
+    text = str(text).strip()
+    try:
+        if ":" in text:
+            values = _log_range(text, 20, "range")
+        else:
+            values = [_number(part, "lambda") for part in text.split(",")]
+    except ValueError as err:
+        raise ValueError(f"invalid lambdas {text!r} ({err}); accepted: {LAMBDA_FORMS}") from None
+    return sorted(set(values))
+
+
+def _grid_types() -> dict[str, type]:
+    """Grid keys: every TrainSettings field but the device, with the type of its default."""
+    return {f.name: type(f.default) for f in dataclasses.fields(TrainSettings) if f.name != "device"}
+
+
+def _grid_values(key: str, kind: type, text: str) -> tuple:
+    if kind is int and ":" in text:                                     # integer range, both ends included
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"{key}={text}: an integer range is A:B (both included)")
+        low, high = (_number(p, key, int, positive=False) for p in parts)
+        if low > high:
+            raise ValueError(f"{key}={text}: needs A <= B")
+        return tuple(range(low, high + 1))
+    if kind is float and ":" in text:
+        return tuple(_log_range(text, None, key))
+    items = [p.strip() for p in text.split(",")]
+    if kind is bool:
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if any(p.lower() not in truth for p in items):
+            raise ValueError(f"{key}={text}: booleans are true/false")
+        return tuple(dict.fromkeys(truth[p.lower()] for p in items))
+    if kind in (int, float):
+        return tuple(dict.fromkeys(_number(p, key, kind, positive=False) for p in items))
+    if not all(items):
+        raise ValueError(f"{key}={text}: empty value")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_grid(items) -> dict[str, tuple]:
+    """["key=values", ...] -> {key: values}. Values: `a,b,c`; integer fields also `A:B` (inclusive range);
+    float fields also `A:B:N` (N log-spaced points). Keys: TrainSettings fields except device."""
+    types, grid = _grid_types(), {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not text.strip():
+            raise ValueError(f"invalid grid {item!r}: expected key=values, e.g. lr=0.01,0.003 or warmup_epochs=1:5")
+        if key not in types:
+            raise ValueError(f"unknown grid key {key!r}; known: {', '.join(types)}")
+        if key in grid:
+            raise ValueError(f"grid key {key!r} given twice")
+        grid[key] = _grid_values(key, types[key], text.strip())
+    return grid
+
+
+def grid_items(grid: dict) -> tuple:
+    """A grid dict as the hashable tuple SweepSettings holds."""
+    return tuple((k, tuple(v)) for k, v in grid.items())
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    lambdas: tuple[float, ...]
+    grid: tuple[tuple[str, tuple], ...] = ()     # ((key, values), ...): every combination is a trial per lambda
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+
+    def __post_init__(self):
+        if not self.lambdas or any(not (lam > 0 and math.isfinite(lam)) for lam in self.lambdas):
+            raise ValueError(f"lambdas must be finite and > 0, got {self.lambdas}")
+        if any(not 0 < t < 1 for t in self.thresholds):
+            raise ValueError(f"gate thresholds must lie in (0, 1), got {self.thresholds}")
+
+
+def expand_trials(lambdas, grid: tuple, start: int = 0) -> list[dict]:
+    """One dict per (lambda, grid combination): {"trial": id, "lam": lam, key: value, ...}."""
+    keys = [k for k, _ in grid]
+    combos = list(itertools.product(*[v for _, v in grid])) if grid else [()]
+    trials = []
+    for lam in lambdas:
+        for combo in combos:
+            trials.append({"trial": start + len(trials), "lam": float(lam), **dict(zip(keys, combo))})
+    return trials
+
+
+def check_grid(settings: TrainSettings, grid: tuple) -> None:
+    """Every combination must give valid TrainSettings (e.g. warmup_epochs < max_epochs)."""
+    for combo in expand_trials([1.0], grid):
+        values = {k: v for k, v in combo.items() if k not in ("trial", "lam")}
+        try:
+            dataclasses.replace(settings, **values)
+        except ValueError as err:
+            raise ValueError(f"grid combination {values}: {err}") from None
+
+
+# ---- progress --------------------------------------------------------------------------------------------------
+class EpochBar:
+    """The tqdm bar of one phase ("warmup" or "bilevel"), fed by heads.train's per-epoch reports. Bi-level
+    postfix: per lambda (ascending) the best V2 accuracy / normalised cost over that lambda's trials, in percent,
+    and how many trials still train."""
+
+    def __init__(self, phase: str, total: int, lambdas: list[float], enabled: bool = True):
+        self.lambdas = lambdas
+        self.bar = tqdm(total=total, desc=phase, unit="epoch", leave=False, dynamic_ncols=True,
+                        disable=not enabled)
+
+    def __call__(self, report: EpochReport):
+        self.bar.update(1)
+        if report.phase == "warmup":
+            self.bar.set_postfix_str("IM acc% " + " ".join(f"{100 * a:.0f}" for a in report.accuracy))
+            return
+        best = {}
+        for lam, acc, cost in zip(self.lambdas, report.accuracy, report.cost):
+            if lam not in best or acc > best[lam][0]:
+                best[lam] = (acc, cost)
+        cells = " ".join(f"{100 * a:.0f}/{100 * c:.0f}" for _, (a, c) in sorted(best.items()))
+        self.bar.set_postfix_str(f"active {sum(report.active)}/{len(report.active)} acc/cost% {cells}")
+
+    def close(self):
+        self.bar.close()
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+class Session:
+    """One cache loaded for stage two: train/V1/V2 tensors, the test split, the per-exit costs, and the warm-ups
+    (one per distinct WARMUP_FIELDS values), computed on first use and shared by every later stacked pass."""
+
+    def __init__(self, cache, settings: TrainSettings, progress: bool = True):
+        self.progress = progress
+        self.data = make_train_data(cache, settings.device)
+        test = cache.load_split("test", device=settings.device)
+        if len(test.labels) == 0:
+            raise ValueError(f"{cache.path} has an empty test split")
+        self.test_features = [f.to(torch.float32) for f in test.features]
+        self.test_logits = None if self.data.trains_last else test.logits.to(torch.float32)
+        self.test_labels = test.labels.cpu().numpy()
+        self.costs = np.array([float(e["cumulative_total_macs"]) for e in cache.manifest["exits"]])
+        self.warm, self.warm_seconds = {}, 0.0
+
+    def warmed(self, settings: TrainSettings, trials: list[dict]):
+        key = _warm_key(settings)
+        if key not in self.warm:
+            start = time.perf_counter()
+            bar = EpochBar("warmup", max(t.get("warmup_epochs", settings.warmup_epochs) for t in trials), [],
+                           self.progress)
+            self.warm[key] = warmup(self.data, settings, bar, trials=[_trial_args(t) for t in trials])
+            bar.close()
+            self.warm_seconds += time.perf_counter() - start
+        return self.warm[key]
+
+    def outputs(self, heads: StackedHeads, split: str):
+        """(logits (T, N, L, K) numpy, P(G|x) (T, N, L) cpu tensor, labels (N,) numpy) of "v2" or "test"."""
+        if split == "v2":
+            feats, last, labels = self.data.v2.features, self.data.v2.logits, self.data.v2.labels.cpu().numpy()
+        else:
+            feats, last, labels = self.test_features, self.test_logits, self.test_labels
+        logits, g = heads.outputs(feats, last)
+        return logits.cpu().numpy(), exit_distribution(g).cpu(), labels
+
+
+def _warm_key(settings: TrainSettings) -> tuple:
+    return tuple(getattr(settings, f) for f in WARMUP_FIELDS)
+
+
+def _trial_args(trial: dict) -> dict:
+    return {k: v for k, v in trial.items() if k in TRIAL_KEYS}
+
+
+def train_groups(session: Session, trials: list[dict], grid: tuple, settings: TrainSettings,
+                 first_group: int = 0) -> list[dict]:
+    """Trains every trial. Trials that differ only in stackable keys (heads.train.TRIAL_KEYS) share one stacked
+    pass; returns one heads group per pass: {"group", "settings", "trials", "heads", "seconds"}."""
+    fixed_keys = [k for k, _ in grid if k not in TRIAL_KEYS]
+    passes = {}
+    for trial in trials:
+        passes.setdefault(tuple(trial[k] for k in fixed_keys), []).append(trial)
+    plan = [(dataclasses.replace(settings, **dict(zip(fixed_keys, key))), members) for key, members in passes.items()]
+    groups = []
+    for number, (pass_settings, members) in enumerate(plan, start=first_group):
+        sharing = [(s, ms) for s, ms in plan if _warm_key(s) == _warm_key(pass_settings)]
+        warm = session.warmed(dataclasses.replace(pass_settings, max_epochs=max(s.max_epochs for s, _ in sharing)),
+                              [t for _, ms in sharing for t in ms])
+        budget = max(pass_settings.max_epochs - t.get("warmup_epochs", pass_settings.warmup_epochs) for t in members)
+        bar = EpochBar("bilevel", budget, [t["lam"] for t in members], session.progress)
+        start = time.perf_counter()
+        heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, bar)
+        bar.close()
+        groups.append({"group": str(number), "settings": dataclasses.asdict(pass_settings), "trials": members,
+                       "heads": heads, "seconds": time.perf_counter() - start})
+    return groups
+
+
+def reference_group(session: Session, settings: TrainSettings, trials: list[dict]) -> dict:
+    """The warm-up IMs after the whole warm-up (each at its best V2 epoch) as a one-trial heads group."""
+    warm = session.warmed(settings, trials)
+    pair = (settings.lr, settings.weight_decay)
+    lr, wd = pair if pair in warm.optim else warm.optim[0]
+    data = session.data
+    heads = StackedHeads.init(data.exit_dims, data.num_classes, 1, data.trains_last, settings.seed, settings.device)
+    weights, biases = warm.initial_ims(lr, wd, warm.epochs)
+    heads.im_weight = [w.to(settings.device) for w in weights]
+    heads.im_bias = [b.to(settings.device) for b in biases]
+    heads.epochs_trained[:] = warm.epochs
+    return {"group": REFERENCE_GROUP, "settings": {**dataclasses.asdict(settings), "lr": lr, "weight_decay": wd},
+            "trials": [], "heads": heads, "seconds": session.warm_seconds}
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+def _evaluate(session: Session, v2, test, v2_exit, test_exit) -> dict:
+    """v2/test: (logits (N, L, K), labels) of one model; *_exit: the exit each sample takes."""
+    return evaluate(ExitOutputs(v2[0], v2_exit, v2[1]), ExitOutputs(test[0], test_exit, test[1]), session.costs)
+
+
+def evaluate_group(session: Session, group: dict, thresholds=(0.5,), only=None) -> list[dict]:
+    """Rows (v2 and test) of every trial of a heads group (or of the trial ids in `only`), at each gate threshold:
+    method "jei" at 0.5, "jei-threshold" otherwise."""
+    heads, rows = group["heads"], []
+    for position, trial in enumerate(group["trials"]):
+        if only is not None and trial["trial"] not in only:
+            continue
+        one = heads.select(position)
+        (v2, v2_pg, v2_y), (test, test_pg, test_y) = session.outputs(one, "v2"), session.outputs(one, "test")
+        for threshold in thresholds:
+            result = _evaluate(session, (v2[0], v2_y), (test[0], test_y),
+                               exit_decision(v2_pg[0], threshold).numpy(), exit_decision(test_pg[0], threshold).numpy())
+            for split in ("v2", "test"):
+                rows.append({"method": "jei" if threshold == 0.5 else "jei-threshold", "split": split,
+                             "trial": trial["trial"], "lam": trial["lam"], "threshold": threshold,
+                             **{k: group["settings"][k] for k in TRIAL_KEYS if k != "lam"},
+                             **{k: v for k, v in trial.items() if k not in ("trial", "lam")},
+                             "epochs": int(heads.epochs_trained[position]),
+                             "seconds": group["seconds"] / len(group["trials"]), **result[split]})
+    return rows
+
+
+def single_exit_rows(session: Session, group: dict) -> list[dict]:
+    """One row per exit and split: every sample exits there (warm-up IMs; the backbone's head at exit L)."""
+    heads = group["heads"]
+    (v2, _, v2_y), (test, _, test_y) = session.outputs(heads, "v2"), session.outputs(heads, "test")
+    warm_epochs, rows = int(heads.epochs_trained[0]), []
+    for exit_ in range(heads.n_exits):
+        result = _evaluate(session, (v2[0], v2_y), (test[0], test_y),
+                           np.full(len(v2_y), exit_), np.full(len(test_y), exit_))
+        for split in ("v2", "test"):
+            rows.append({"method": "single-exit", "split": split, "exit": exit_ + 1, "threshold": math.nan,
+                         "warmup_epochs": warm_epochs, "lr": group["settings"]["lr"],
+                         "weight_decay": group["settings"]["weight_decay"], "epochs": warm_epochs,
+                         "seconds": group["seconds"], **result[split]})
+    return rows
+
+
+def select_per_lambda(rows: list[dict]) -> set[int]:
+    """Trial ids with the best V2 accuracy among the trials of their lambda (ties: cheaper, then lower id)."""
+    best = {}
+    for r in rows:
+        if r["method"] == "jei" and r["split"] == "v2":
+            key = (r["accuracy"], -r["cost_norm"], -r["trial"])
+            if r["lam"] not in best or key > best[r["lam"]][0]:
+                best[r["lam"]] = (key, r["trial"])
+    return {trial for _, trial in best.values()}
+
+
+def lambda_range_warnings(rows: list[dict], costs: np.ndarray) -> list[str]:
+    """Whether the selected models cover the cost axis (on V2): the smallest lambda should be as accurate as the
+    best single exit unless it already costs ~ the full network; the largest should come down near the first
+    exit's cost. Each miss gives a warning; the last line suggests a wider range."""
+    chosen = sorted((r for r in rows if r["method"] == "jei" and r["split"] == "v2" and r["selected"]),
+                    key=lambda r: r["lam"])
+    singles = [r["accuracy"] for r in rows if r["method"] == "single-exit" and r["split"] == "v2"]
+    if len(chosen) < 2 or not singles:
+        return []
+    low, high, first = chosen[0], chosen[-1], costs[0] / costs[-1]
+    lo_lam, hi_lam, found = low["lam"], high["lam"], []
+    if low["cost_norm"] < 0.9 and low["accuracy"] < max(singles):
+        found.append(f"the smallest lambda {low['lam']:.3g} already costs only {low['cost_norm']:.2f} of the full "
+                     f"network and is less accurate on V2 ({low['accuracy']:.3f}) than the best single exit "
+                     f"({max(singles):.3f}): the sweep misses the accurate end")
+        lo_lam = low["lam"] / 10
+    if high["cost_norm"] > first + 0.25 * (1 - first):
+        found.append(f"the largest lambda {high['lam']:.3g} still costs {high['cost_norm']:.2f} of the full network "
+                     f"(the first exit costs {first:.2f}): the sweep misses the cheap end")
+        hi_lam = high["lam"] * 10
+    if found:
+        found.append(f"suggested range: --lambdas {lo_lam:.3g}:{hi_lam:.3g}")
+    return found
+
+
+# ---- run directory -----------------------------------------------------------------------------------------------
+class RunExistsError(ValueError):
+    """RUN holds a run made with other settings."""
+
+
+@dataclass
+class RunResult:
+    path: Path
+    rows: list[dict]
+    settings: dict
+    warnings: list[str]
+
+
+class Run:
+    """One run directory being produced: its identity (what decides the numbers), status in settings.json,
+    trained heads saved as soon as they exist, results written last."""
+
+    def __init__(self, out, cache, command: str, settings: TrainSettings, extra: dict, overwrite: bool):
+        self.cache, self.timings = cache, {}
+        self.identity = {"command": command, "cache_fingerprint": cache.fingerprint,
+                         "train": dataclasses.asdict(settings), **extra}
+        self.digest = rundir.settings_hash(self.identity)
+        self.out = Path(out) if out is not None else Path("runs") / f"{command}-{self.digest[:10]}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        old = rundir.read_settings(self.out)
+        if old is not None and old.get("settings_hash") != self.digest and not overwrite:
+            before = old.get("identity", {})
+            changed = sorted(k for k in set(self.identity) | set(before) if self.identity.get(k) != before.get(k))
+            raise RunExistsError(f"{self.out} holds another run (it differs in: {', '.join(changed)}); "
+                                 "choose another --out or pass --overwrite")
+        saved = None if overwrite else rundir.load_heads(self.out)
+        self.saved = saved if saved is not None and saved["settings_hash"] == self.digest else None
+        self.write_status("training")
+
+    def write_status(self, status: str, **extra) -> dict:
+        m = self.cache.manifest
+        settings = {"settings_hash": self.digest, "status": status, "identity": self.identity,
+                    "cache": {"path": str(self.cache.path), "fingerprint": self.cache.fingerprint,
+                              "backbone": m.get("backbone"), "num_classes": m.get("num_classes"),
+                              "dataset": m.get("dataset"),
+                              "exits": [{k: e.get(k) for k in ("exit", "name", "dim", "cumulative_total_macs")}
+                                        for e in m["exits"]]},
+                    "timings": self.timings, **extra}
+        rundir.write_settings(self.out, settings)
+        return settings
+
+    def saved_groups(self, device) -> list[dict]:
+        return [{**{k: g[k] for k in ("group", "settings", "trials", "seconds")},
+                 "heads": StackedHeads.from_state_dict(g["state"], device)} for g in self.saved["groups"]]
+
+    def save_groups(self, groups: list[dict]) -> None:
+        rundir.save_heads(self.out, [{**{k: g[k] for k in ("group", "settings", "trials", "seconds")},
+                                      "state": g["heads"].state_dict()} for g in groups], self.digest)
+
+    def finish(self, session: Session, groups: list[dict], rows: list[dict], selected: set, thresholds,
+               warn: bool) -> RunResult:
+        """Marks the selected trials, adds their threshold curves and the single-exit references, writes
+        results.parquet and the final settings.json."""
+        start = time.perf_counter()
+        for row in rows:
+            row["selected"] = row["trial"] in selected
+        for group in groups:
+            if group["group"] != REFERENCE_GROUP and thresholds:
+                rows += evaluate_group(session, group, thresholds, only=selected)
+        rows += single_exit_rows(session, next(g for g in groups if g["group"] == REFERENCE_GROUP))
+        for row in rows:
+            row.setdefault("selected", False)
+        warnings = lambda_range_warnings(rows, session.costs) if warn else []
+        self.timings["evaluate_seconds"] = self.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
+        settings = self.write_status("complete", warnings=warnings)
+        rundir.write_results(self.out, _uniform(rows), settings)
+        return RunResult(self.out, rows, settings, warnings)
+
+
+def _uniform(rows: list[dict]) -> list[dict]:
+    """Every row with every column (None where absent), so that Parquet sees one schema."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def _evaluate_all(session: Session, run: Run, groups: list[dict]) -> list[dict]:
+    start = time.perf_counter()
+    rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
+    run.timings["evaluate_seconds"] = run.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
+    return rows
+
+
+def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, command: str = "sweep",
+              overwrite: bool = False, progress: bool = True, log=print) -> RunResult:
+    """Train, evaluate and record every lambda x grid trial (module docstring)."""
+    from cache.store import open_cache
+
+    check_grid(settings, sweep.grid)
+    with open_cache(cache_path) as cache:
+        run = Run(out, cache, command, settings, {"lambdas": list(sweep.lambdas), "thresholds": list(sweep.thresholds),
+                                                  "grid": {k: list(v) for k, v in sweep.grid}}, overwrite)
+        session = Session(cache, settings, progress)
+        if run.saved is not None:
+            log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+            groups = run.saved_groups(settings.device)
+        else:
+            trials = expand_trials(sweep.lambdas, sweep.grid)
+            start = time.perf_counter()
+            groups = train_groups(session, trials, sweep.grid, settings)
+            groups.append(reference_group(session, settings, trials))
+            run.timings.update(train_seconds=time.perf_counter() - start, warmup_seconds=session.warm_seconds)
+            run.save_groups(groups)
+        run.write_status("evaluating")
+        rows = _evaluate_all(session, run, groups)
+        return run.finish(session, groups, rows, select_per_lambda(rows), sweep.thresholds,
+                          warn=len(sweep.lambdas) > 1)
+
+
+# ---- cost-targeted fit -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitSettings:
+    target_cost: float                      # the most V2 Mul-Adds allowed, as a fraction of IC^L
+    lam_low: float = 1e-3                   # first round: `points` lambdas log-spaced over [lam_low, lam_high]
+    lam_high: float = 1e2
+    points: int = 6                         # lambdas trained together per round
+    rounds: int = 3                         # refinement rounds inside the bracket
+    max_widen: int = 3                      # rounds that move the range x100 when it misses the target
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+
+    def __post_init__(self):
+        if not 0 < self.target_cost <= 1:
+            raise ValueError(f"the target cost is a fraction of the full network's Mul-Adds in (0, 1], "
+                             f"got {self.target_cost}")
+        if not 0 < self.lam_low < self.lam_high or self.points < 2 or self.rounds < 0 or self.max_widen < 0:
+            raise ValueError("fit needs 0 < lam_low < lam_high, points >= 2, rounds >= 0 and max_widen >= 0")
+
+
+def next_lambdas(scores: list[dict], fit: FitSettings) -> tuple[list[float], str] | None:
+    """Next round from every V2 (lam, cost_norm) so far: ("widen", lambdas beyond the range) when no lambda or
+    every lambda meets the target, else ("refine", lambdas inside the bracket between the largest lambda that
+    misses it and the smallest that meets it)."""
+    ordered = sorted(scores, key=lambda r: r["lam"])
+    lams = [r["lam"] for r in ordered]
+    feasible = [r["lam"] for r in ordered if r["cost_norm"] <= fit.target_cost]
+    if not feasible:                                     # even the largest lambda costs too much
+        return [float(x) for x in np.geomspace(lams[-1] * 10, lams[-1] * 100, fit.points)], "widen"
+    below = [lam for lam in lams if lam < feasible[0]]
+    if not below:                                        # even the smallest lambda is cheap enough
+        return [float(x) for x in np.geomspace(lams[0] / 100, lams[0] / 10, fit.points)], "widen"
+    return [float(x) for x in np.geomspace(below[-1], feasible[0], fit.points + 2)[1:-1]], "refine"
+
+
+def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,
+                    progress: bool = True, log=print) -> RunResult:
+    """The most accurate model on V2 whose V2 normalised cost is <= fit.target_cost, by bracketing lambda in log
+    space over a few stacked rounds that share one warm-up. Every trained trial is recorded; the chosen one is the
+    only `selected` row. ValueError when no lambda reaches the target."""
+    from cache.store import open_cache
+
+    with open_cache(cache_path) as cache:
+        run = Run(out, cache, "fit", settings, {"fit": dataclasses.asdict(fit)}, overwrite)
+        session = Session(cache, settings, progress)
+        if run.saved is not None:
+            log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+            groups = run.saved_groups(settings.device)
+            rows = _evaluate_all(session, run, groups)
+        else:
+            start = time.perf_counter()
+            groups, rows, trials = [], [], []
+            lambdas, widened, refined = list(np.geomspace(fit.lam_low, fit.lam_high, fit.points)), 0, 0
+            while True:
+                new = expand_trials(lambdas, (), start=len(trials))
+                trials += new
+                groups += train_groups(session, new, (), settings, first_group=len(groups))
+                rows += _evaluate_all(session, run, groups[-1:])
+                step = next_lambdas([r for r in rows if r["split"] == "v2"], fit)
+                if step is None or (step[1] == "widen" and widened == fit.max_widen) or \
+                        (step[1] == "refine" and refined == fit.rounds):
+                    break
+                lambdas = step[0]
+                widened, refined = widened + (step[1] == "widen"), refined + (step[1] == "refine")
+                log(f"fit: {step[1]} -> lambdas {', '.join(f'{x:.3g}' for x in lambdas)}")
+            groups.append(reference_group(session, settings, trials))
+            run.timings.update(train_seconds=time.perf_counter() - start - run.timings["evaluate_seconds"],
+                               warmup_seconds=session.warm_seconds)
+            run.save_groups(groups)
+        v2 = [r for r in rows if r["split"] == "v2"]
+        feasible = [r for r in v2 if r["cost_norm"] <= fit.target_cost]
+        if not feasible:
+            cheapest = min(v2, key=lambda r: r["cost_norm"])
+            raise ValueError(f"no lambda reached V2 cost <= {fit.target_cost:g}: the cheapest model (lambda "
+                             f"{cheapest['lam']:.3g}) costs {cheapest['cost_norm']:.3f}; the first exit alone costs "
+                             f"{session.costs[0] / session.costs[-1]:.3f}")
+        best = max(feasible, key=lambda r: (r["accuracy"], -r["cost_norm"], -r["trial"]))
+        return run.finish(session, groups, rows, {best["trial"]}, fit.thresholds, warn=False)

@@ -1,0 +1,244 @@
+"""Lambda parsing, grids, and the stage-two CLI (train, sweep, fit) end to end on a tiny synthetic cache."""
+import json
+import math
+
+import click
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from bench.sweep_speed import write_synthetic_cache
+from cache.store import open_cache
+from heads import rundir
+from heads.cli import COMMANDS
+from heads.sweep import FitSettings, lambda_range_warnings, next_lambdas, parse_grid, parse_lambdas
+
+SIZES = {"train": 96, "val": 64, "test": 48}
+N_EXITS = 3
+FAST = ["--max-epochs", "4", "--batch-size", "32", "--bi-switch", "2", "--patience", "2", "--device", "cpu",
+        "--no-progress"]
+DOCUMENTED = {
+    "method", "split", "trial", "exit", "lam", "threshold", "warmup_epochs", "lr", "weight_decay", "selected",
+    "accuracy", "accuracy_ci_low", "accuracy_ci_high", "cost_macs", "cost_norm", "cost_norm_ci_low",
+    "cost_norm_ci_high", "ece", "ece_temp", "temperature", "conformal_alphas", "exit_hist", "exit_acc_exited",
+    "exit_acc_all", "epochs", "seconds",
+    *(f"{kind}_{m}" for kind in ("coverage", "inefficiency", "reported_inefficiency", "reported_coverage",
+                                 "reported_alpha_used") for m in ("general", "ims", "strict", "gated")),
+}
+
+
+def cli():
+    group = click.Group("test-cli")
+    for command in COMMANDS:
+        group.add_command(command)
+    return group
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli(), [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return write_synthetic_cache(tmp_path_factory.mktemp("cache") / "tiny.zarr", SIZES, N_EXITS, 8, 4,
+                                 chunk_rows=16)
+
+
+def results(run):
+    table = pq.read_table(run / "results.parquet")
+    return table, table.to_pylist()
+
+
+def numbers(rows):
+    """Everything but wall times, NaN-safe, for comparing two runs."""
+    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows], sort_keys=True, default=str)
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------------
+def test_lambda_forms():
+    values = parse_lambdas("0.01:10")
+    assert len(values) == 20 and math.isclose(values[0], 0.01) and math.isclose(values[-1], 10)
+    assert np.allclose(np.diff(np.log(values)), np.log(1000) / 19)
+    assert np.allclose(parse_lambdas("0.1:1:3"), [0.1, 0.1 ** 0.5, 1])
+    assert parse_lambdas("2, 0.5,1,0.5") == [0.5, 1.0, 2.0]
+    assert parse_lambdas("0.3") == [0.3]
+    assert parse_lambdas("1:2:1") == [1.0]
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "-1", "nan", "inf", "1:0.5", "1:1", "0.1:1:0", "0.1:1:x",
+                                  "1:2:3:4", "1,,2", "0:1", "1,-2"])
+def test_bad_lambdas_are_one_line_errors(text):
+    with pytest.raises(ValueError, match="accepted: A:B") as err:
+        parse_lambdas(text)
+    assert "\n" not in str(err.value)
+
+
+def test_grid_forms_and_errors():
+    grid = parse_grid(["warmup_epochs=1:3", "lr=0.01,0.003", "weight_decay=5e-4,0", "targets=subsequent,ifmin",
+                       "full-gradient=true,false", "batch_size=16,32"])
+    assert grid == {"warmup_epochs": (1, 2, 3), "lr": (0.01, 0.003), "weight_decay": (5e-4, 0.0),
+                    "targets": ("subsequent", "ifmin"), "full_gradient": (True, False), "batch_size": (16, 32)}
+    assert np.allclose(parse_grid(["lr=0.001:0.1:3"])["lr"], [0.001, 0.01, 0.1])
+    for bad, message in (("colour=red", "unknown grid key"), ("lr", "expected key=values"),
+                         ("warmup_epochs=3:1", "A <= B"), ("lr=0.1:0.01:3", "A < B"), ("lr=fast", "not a number"),
+                         ("device=cpu", "unknown grid key"), ("full_gradient=maybe", "true/false")):
+        with pytest.raises(ValueError, match=message):
+            parse_grid([bad])
+    with pytest.raises(ValueError, match="twice"):
+        parse_grid(["lr=0.1", "lr=0.2"])
+
+
+def test_cli_rejects_bad_input(tiny_cache, tmp_path):
+    result = invoke("sweep", "--cache", tiny_cache, "--lambdas", "1:0.1", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 2 and "accepted: A:B" in result.output
+    result = invoke("sweep", "--cache", tiny_cache, "--grid", "colour=red", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 2 and "unknown grid key 'colour'" in result.output
+    result = invoke("sweep", "--cache", tiny_cache, "--grid", "warmup_epochs=1:9", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 2 and "warmup_epochs must lie in" in result.output
+    result = invoke("fit", "--cache", tiny_cache, "--target-cost", "1.5", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 2 and "(0, 1]" in result.output
+    result = invoke("train", "--cache", tmp_path / "missing.zarr", "--lam", "1", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 1 and "missing.zarr" in result.output
+
+
+# ---- sweep ------------------------------------------------------------------------------------------------------
+def test_sweep_records_every_trial_and_is_reproducible(tiny_cache, tmp_path):
+    args = ["sweep", "--cache", tiny_cache, "--lambdas", "0.1,1", "--grid", "warmup_epochs=1:2",
+            "--grid", "lr=0.01,0.003", "--grid", "bi_switch=2,5", *FAST]
+    first = invoke(*args, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    table, rows = results(tmp_path / "a")
+    assert DOCUMENTED <= set(table.column_names) and "bi_switch" in table.column_names
+
+    jei = [r for r in rows if r["method"] == "jei"]
+    assert len(jei) == 2 * 2 * 2 * 2 * 2                 # lambdas x warmup x lr x bi_switch x splits
+    assert {(r["warmup_epochs"], r["lr"], r["bi_switch"], r["weight_decay"]) for r in jei} == {
+        (w, lr, b, 5e-4) for w in (1, 2) for lr in (0.01, 0.003) for b in (2, 5)}   # gridded and resolved values
+    assert {(r["trial"], r["split"]) for r in jei} == {(t, s) for t in range(16) for s in ("v2", "test")}
+    for lam in (0.1, 1.0):
+        for split in ("v2", "test"):
+            chosen = [r for r in jei if r["lam"] == lam and r["split"] == split and r["selected"]]
+            assert len(chosen) == 1
+        v2 = [r for r in jei if r["lam"] == lam and r["split"] == "v2"]
+        assert chosen[0]["trial"] == max(v2, key=lambda r: (r["accuracy"], -r["cost_norm"], -r["trial"]))["trial"]
+    singles = [r for r in rows if r["method"] == "single-exit"]
+    assert sorted((r["exit"], r["split"]) for r in singles) == sorted(
+        (e, s) for e in range(1, N_EXITS + 1) for s in ("v2", "test"))
+    assert [r["cost_norm"] for r in singles if r["split"] == "test"][-1] == pytest.approx(1.0)
+    curve = [r for r in rows if r["method"] == "jei-threshold"]
+    assert len(curve) == 2 * 4 * 2 and all(r["trial"] in {c["trial"] for c in jei if c["selected"]} for r in curve)
+    for r in rows:
+        assert sum(r["exit_hist"]) == r["n_samples"] == SIZES["test" if r["split"] == "test" else "val"] // (
+            1 if r["split"] == "test" else 2)
+        assert r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"]
+
+    with open_cache(tiny_cache) as cache:
+        fingerprint = cache.fingerprint
+    assert table.schema.metadata[rundir.META_FINGERPRINT].decode() == fingerprint
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert settings["status"] == "complete" and settings["cache"]["fingerprint"] == fingerprint
+    assert json.loads(table.schema.metadata[rundir.META_SETTINGS])["settings_hash"] == settings["settings_hash"]
+    heads = rundir.load_heads(tmp_path / "a")
+    assert sorted(t["trial"] for g in heads["groups"] for t in g["trials"]) == list(range(16))
+    assert len(heads["groups"]) == 3                      # one stacked pass per bi_switch value + the warm-up IMs
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.endswith(".tmp")]
+
+    second = invoke(*args, "--out", tmp_path / "b")
+    assert numbers(results(tmp_path / "b")[1]) == numbers(rows)
+    again = invoke(*args, "--out", tmp_path / "a")       # same RUN: heads are re-used, numbers unchanged
+    assert "re-using the trained heads" in again.output
+    assert numbers(results(tmp_path / "a")[1]) == numbers(rows)
+    assert second.output.splitlines()[0] == first.output.splitlines()[0]
+
+
+def test_run_directory_of_other_settings_is_refused(tiny_cache, tmp_path):
+    assert invoke("train", "--cache", tiny_cache, "--lam", "1", "--out", tmp_path / "r", *FAST).exit_code == 0
+    result = invoke("train", "--cache", tiny_cache, "--lam", "2", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 1 and "holds another run" in result.output and "lambdas" in result.output
+    result = invoke("train", "--cache", tiny_cache, "--lam", "2", "--out", tmp_path / "r", "--overwrite", *FAST)
+    assert result.exit_code == 0
+    assert {r["lam"] for r in results(tmp_path / "r")[1] if r["method"] == "jei"} == {2.0}
+
+
+def test_train_with_a_trained_last_head_and_the_default_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_cache(tmp_path / "cache" / "only.zarr", SIZES, N_EXITS, 8, 4, chunk_rows=16,
+                          head_is_task_head=False)
+    result = invoke("train", "--lam", "0.5", *FAST)
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "runs").iterdir())
+    assert run.name.startswith("train-")
+    rows = results(run)[1]
+    assert [r["split"] for r in rows if r["method"] == "jei"] == ["v2", "test"]
+    assert all(r["selected"] for r in rows if r["method"] == "jei")
+    heads = rundir.load_heads(run)
+    assert sum(k.startswith("im_weight.") for k in heads["groups"][0]["state"]) == N_EXITS   # last IM trained too
+
+
+# ---- fit and range checks ----------------------------------------------------------------------------------------
+def test_fit_meets_the_target_cost(tiny_cache, tmp_path):
+    result = invoke("fit", "--cache", tiny_cache, "--target-cost", "0.8", "--points", "3", "--rounds", "1",
+                    "--thresholds", "none", "--out", tmp_path / "fit", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "chosen lambda" in result.output
+    rows = results(tmp_path / "fit")[1]
+    chosen = [r for r in rows if r["selected"]]
+    assert sorted(r["split"] for r in chosen) == ["test", "v2"]
+    v2 = [r for r in rows if r["method"] == "jei" and r["split"] == "v2"]
+    assert len(v2) >= 3
+    best = next(r for r in chosen if r["split"] == "v2")
+    assert best["cost_norm"] <= 0.8
+    assert best["accuracy"] == max(r["accuracy"] for r in v2 if r["cost_norm"] <= 0.8)
+    assert not [r for r in rows if r["method"] == "jei-threshold"]
+
+
+def test_next_lambdas_brackets_then_widens():
+    fit = FitSettings(0.5, points=3)
+    scores = [{"lam": 0.1, "cost_norm": 0.9}, {"lam": 1.0, "cost_norm": 0.7}, {"lam": 10.0, "cost_norm": 0.3}]
+    lams, kind = next_lambdas(scores, fit)
+    assert kind == "refine" and np.allclose(lams, np.geomspace(1, 10, 5)[1:-1])
+    lams, kind = next_lambdas([{"lam": 1.0, "cost_norm": 0.9}, {"lam": 2.0, "cost_norm": 0.8}], fit)
+    assert kind == "widen" and min(lams) > 2.0
+    lams, kind = next_lambdas([{"lam": 1.0, "cost_norm": 0.4}, {"lam": 2.0, "cost_norm": 0.3}], fit)
+    assert kind == "widen" and max(lams) < 1.0
+
+
+def test_lambda_range_warnings():
+    costs = np.array([20.0, 60.0, 100.0])
+
+    def row(method, accuracy, cost, lam=None, exit_=None):
+        return {"method": method, "split": "v2", "selected": method == "jei", "lam": lam, "exit": exit_,
+                "accuracy": accuracy, "cost_norm": cost}
+    singles = [row("single-exit", a, c, exit_=e) for e, (a, c) in enumerate([(0.5, 0.2), (0.7, 0.6), (0.9, 1)])]
+    covered = [row("jei", 0.9, 0.95, lam=0.01), row("jei", 0.5, 0.25, lam=10.0)]
+    assert lambda_range_warnings(covered + singles, costs) == []
+    narrow = [row("jei", 0.8, 0.6, lam=0.1), row("jei", 0.7, 0.5, lam=1.0)]
+    found = lambda_range_warnings(narrow + singles, costs)
+    assert "accurate end" in found[0] and "cheap end" in found[1]
+    assert found[-1] == "suggested range: --lambdas 0.01:10"
+
+
+def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch):
+    import heads.sweep as sweep
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    settings = sweep.TrainSettings(max_epochs=3, batch_size=32, bi_switch=2, patience=2)
+    job = sweep.SweepSettings((0.1, 1.0))
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "train_stack", killed)
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "training"
+    assert not (tmp_path / "r" / "results.parquet").exists()
+    with monkeypatch.context() as m:                      # killed after training: the heads are kept
+        m.setattr(sweep, "evaluate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "evaluating"
+    messages = []
+    result = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False, log=messages.append)
+    assert "re-using the trained heads" in messages[0] and result.settings["status"] == "complete"
+    fresh = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "fresh", progress=False)
+    assert numbers(result.rows) == numbers(fresh.rows)
