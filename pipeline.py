@@ -8,6 +8,7 @@
     python pipeline.py train   --cache CACHE --lam 0.5 --out RUN
     python pipeline.py sweep   --lambdas 0.01:10 --cache CACHE --out RUN
     python pipeline.py report  RUN
+    python pipeline.py predict --run RUN --lam 0.5 IMAGE...
 
 This file is only the command group: every command lives in the package that owns it (extract/cli.py,
 cache/cli.py, heads/cli.py) and imports its heavy dependencies when it runs.
@@ -18,6 +19,7 @@ from cache.cli import cache_group
 from extract.cli import costs_cmd, extract_cmd
 from extract.finetune_cli import finetune_cmd
 from heads.cli import fit_cmd, report_cmd, sweep_cmd, train_cmd
+from heads.predict_cli import predict_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -29,7 +31,7 @@ cli.add_command(extract_cmd)
 cli.add_command(costs_cmd)
 cli.add_command(cache_group)
 cli.add_command(finetune_cmd)
-for command in (train_cmd, sweep_cmd, fit_cmd, report_cmd):
+for command in (train_cmd, sweep_cmd, fit_cmd, report_cmd, predict_cmd):
     cli.add_command(command)
 
 if __name__ == "__main__":
