@@ -7,6 +7,7 @@
     python pipeline.py finetune --backbone t2t_vit_14 --weights CKPT --dataset cifar100 --out TUNED.pth
     python pipeline.py train   --cache CACHE --lam 0.5 --out RUN
     python pipeline.py sweep   --lambdas 0.01:10 --cache CACHE --out RUN
+    python pipeline.py compare --cache CACHE --lambdas 0.01:10 --out RUN [--methods jei,threshold,boosted,...]
     python pipeline.py report  RUN
     python pipeline.py predict --run RUN --lam 0.5 IMAGE...
 
@@ -18,7 +19,7 @@ import click
 from cache.cli import cache_group
 from extract.cli import costs_cmd, extract_cmd
 from extract.finetune_cli import finetune_cmd
-from heads.cli import fit_cmd, report_cmd, sweep_cmd, train_cmd
+from heads.cli import compare_cmd, fit_cmd, report_cmd, sweep_cmd, train_cmd
 from heads.predict_cli import predict_cmd
 
 
@@ -31,7 +32,7 @@ cli.add_command(extract_cmd)
 cli.add_command(costs_cmd)
 cli.add_command(cache_group)
 cli.add_command(finetune_cmd)
-for command in (train_cmd, sweep_cmd, fit_cmd, report_cmd, predict_cmd):
+for command in (train_cmd, sweep_cmd, fit_cmd, compare_cmd, report_cmd, predict_cmd):
     cli.add_command(command)
 
 if __name__ == "__main__":

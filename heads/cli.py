@@ -1,9 +1,10 @@
-"""`train`, `sweep`, `fit` and `report`: stage two from a feature cache to a run directory and its plots.
+"""`train`, `sweep`, `fit`, `compare` and `report`: stage two from a feature cache to a run directory and its plots.
 
-    python pipeline.py train  --cache CACHE --lam 0.5 --out RUN
-    python pipeline.py sweep  --cache CACHE --lambdas 0.01:10 --out RUN --grid warmup_epochs=1:5 --grid lr=0.01,0.003
-    python pipeline.py fit    --cache CACHE --target-cost 0.5 --out RUN
-    python pipeline.py report RUN [--lam 1.0]
+    python pipeline.py train   --cache CACHE --lam 0.5 --out RUN
+    python pipeline.py sweep   --cache CACHE --lambdas 0.01:10 --out RUN --grid warmup_epochs=1:5 --grid lr=0.01,0.003
+    python pipeline.py fit     --cache CACHE --target-cost 0.5 --out RUN
+    python pipeline.py compare --cache CACHE --lambdas 0.01:10 --out RUN [--methods jei,threshold,boosted,...]
+    python pipeline.py report  RUN [--lam 1.0]
 
 --cache may be left out when exactly one complete cache exists under cache/; --out defaults to
 runs/<command>-<settings hash>. The training options mirror heads.train.TrainSettings (appendix 9.1.2 defaults);
@@ -193,14 +194,57 @@ def fit_cmd(target_cost, lam_range, points, rounds, cache_path, out, overwrite, 
                f"ECE {test['ece']:.4f} -> {test['ece_temp']:.4f} after temperature")
 
 
+def _methods(ctx, param, value):
+    from heads.compare import parse_methods
+    try:
+        return parse_methods(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--methods") from None
+
+
+def _matched(rows, run, split):
+    """Prints the matched-cost table (heads/matched.py) and writes it to RUN; returns it."""
+    from heads.matched import matched_costs, matched_table
+    from heads.rundir import MATCHED, write_csv
+    table = _run(lambda: matched_costs(rows, split))
+    click.echo(matched_table(table))
+    write_csv(Path(run) / MATCHED, table)
+    click.echo(f"wrote {Path(run) / MATCHED}")
+    return table
+
+
+@click.command("compare")
+@click.option("--methods", default="all", show_default=True, callback=_methods,
+              help="all, or a comma-separated list of: jei, threshold, threshold-warmup, boosted, l2w, fixed-ims, "
+              "diffbranch.")
+@click.option("--lambdas", default="0.01:10", show_default=True, callback=_parsed("parse_lambdas", "--lambdas"),
+              help="JEI-DNN's sweep and the lambdas of fixed-ims / diffbranch: A:B, A:B:N, a,b,c, or one value.")
+@_options(RUN_OPTIONS)
+@THRESHOLD_OPTION
+@_options(TRAIN_OPTIONS)
+def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
+    """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
+    from heads.compare import CompareSettings, run_compare
+    settings = _train_settings(kwargs)
+    try:
+        compare = CompareSettings(tuple(lambdas), methods, thresholds)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
+                                      progress=progress, log=click.echo))
+    _summarise(result)
+    _matched(result.rows, result.path, "test")
+
+
 @click.command("report")
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--lam", type=float, default=None, help="Lambda of the exit decomposition (default: the middle one).")
 @click.option("--split", type=click.Choice(["test", "v2"]), default="test", show_default=True)
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNGs into RUN.")
 def report_cmd(run, lam, split, plots):
-    """Print the results table of a run directory and write its plots (figures 2, 3 and 5 of the paper)."""
-    from heads.report import results_table, write_plots
+    """Print the results and matched-cost tables of a run directory and write its plots (figures 2, 3, 5, and 9
+    for a compare run)."""
+    from heads.report import results_table, write_compare_plots, write_plots
     from heads.rundir import read_results
     try:
         rows, settings = read_results(run)
@@ -212,9 +256,11 @@ def report_cmd(run, lam, split, plots):
     click.echo(results_table(rows, split))
     for line in settings.get("warnings", []):
         click.echo(f"warning: {line}", err=True)
+    table = _matched(rows, run, split)
     if plots:
-        for path in _run(lambda: write_plots(rows, run, lam, split)):
+        for path in _run(lambda: write_plots(rows, run, lam, split) + write_compare_plots(rows, run, table, lam,
+                                                                                              split)):
             click.echo(f"wrote {path}")
 
 
-COMMANDS = (train_cmd, sweep_cmd, fit_cmd, report_cmd)
+COMMANDS = (train_cmd, sweep_cmd, fit_cmd, compare_cmd, report_cmd)

@@ -16,8 +16,16 @@ The x axis is always the expected Mul-Adds normalised by the full network's, IC^
     exit_decomposition.png    figure 3: (a) accuracy of each IM on the samples that exit there, (b) on all
                               samples; circle area proportional to the exit count; dotted line: overall accuracy
 
-Rows are grouped by their `method` column, so a results table that holds several methods (a later `compare`)
-overlays them with one colour per method; "single-exit" and "jei-threshold" rows are drawn as references.
+Rows are grouped by their `method` column, so a results table that holds several methods (a `compare` run)
+overlays them with one colour per method; "single-exit" and "jei-threshold" rows are drawn as references. With
+several methods figures 5b/5c show one conformal construction per method ("gated": thresholds per exit, fitted on
+the V2 samples that exit there), so that the methods, not the constructions, are compared.
+
+A compare run also gets (write_compare_plots, given heads/matched.py's matched-cost table):
+    ablation.png                    figure 9: JEI-DNN vs learnable gates on fixed IMs ("fixed-ims") vs threshold
+                                    gates on JEI-DNN's warmed-up IMs ("threshold-warmup"), with 95% bands
+    exit_decomposition_compare.png  figure 3 for JEI-DNN (the starred model) and the best baseline (largest area
+                                    under its accuracy/cost envelope) at its operating point nearest in cost
 """
 import math
 from pathlib import Path
@@ -29,7 +37,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 CONFORMAL = ("general", "ims", "strict", "gated")
+COMPARED_CONFORMAL = "gated"     # the one construction drawn per method when several methods are overlaid
 REFERENCE_METHODS = ("single-exit", "jei-threshold")
+BASELINES = ("threshold", "boosted", "l2w", "diffbranch", "threshold-warmup", "fixed-ims")   # compare's methods
+ABLATION = {"jei": "JEI-DNN (gates and IMs trained jointly)", "fixed-ims": "learnable gates, fixed IMs",
+            "threshold-warmup": "threshold gates, warm-up IMs"}            # appendix 9.6, figure 9
 X_LABEL = "Mul-Add / IC$^L$"
 
 
@@ -116,18 +128,21 @@ def plot_ece(rows, path):
 
 
 def _construction_style(method_color, construction, n_methods):
-    """One method: a colour per conformal construction; several: the method's colour, a line style each."""
-    i = CONFORMAL.index(construction)
+    """One method: a colour per conformal construction; several (one construction each): the method's colour."""
     if n_methods == 1:
-        return {"color": plt.cm.tab10.colors[i], "ls": "-"}
-    return {"color": method_color, "ls": ("-", "--", ":", "-.")[i]}
+        return {"color": plt.cm.tab10.colors[CONFORMAL.index(construction)], "ls": "-"}
+    return {"color": method_color, "ls": "-"}
+
+
+def _constructions(n_methods):
+    return CONFORMAL if n_methods == 1 else (COMPARED_CONFORMAL,)
 
 
 def plot_inefficiency(rows, path):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     lines = curves(rows)
     for (method, points), color in zip(lines.items(), plt.cm.tab10.colors):
-        for c in CONFORMAL:
+        for c in _constructions(len(lines)):
             key = f"reported_inefficiency_{c}"
             if key in points[0]:
                 ax.plot(*_xy(points, key), marker="o", ms=3, label=f"{method}: {c}",
@@ -147,7 +162,7 @@ def plot_alpha(rows, path):
             continue
         alphas = np.array(points[0]["conformal_alphas"], dtype=float)
         top = max(top, alphas.max())
-        for c in CONFORMAL:
+        for c in _constructions(len(lines)):
             empirical = 1.0 - np.mean([p[f"coverage_{c}"] for p in points], axis=0)
             ax.plot(alphas, empirical, marker="o", ms=3, label=f"{method}: {c}",
                     **_construction_style(color, c, len(lines)))
@@ -156,6 +171,68 @@ def plot_alpha(rows, path):
     ax.set_ylabel("empirical alpha (1 - coverage), mean over models")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_ablation(rows, path):
+    """Figure 9: accuracy vs cost of the methods of appendix 9.6 present in rows, each with its 95% band."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colours = dict(zip(curves(rows), plt.cm.tab10.colors))
+    for method, points in curves(rows).items():
+        if method in ABLATION:
+            x, y = _xy(points, "accuracy")
+            ax.plot(x, y, "o-", ms=3, color=colours[method], label=ABLATION[method], zorder=3)
+            ax.fill_between(x, _xy(points, "accuracy_ci_low")[1], _xy(points, "accuracy_ci_high")[1],
+                            color=colours[method], alpha=0.25, lw=0, zorder=2)
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel("accuracy")
+    ax.set_title("ablation (appendix 9.6)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def best_baseline(table: list[dict]) -> str | None:
+    """The baseline with the largest area under its envelope in a matched-cost table (heads/matched.py); ties
+    and NaN areas fall back to the best accuracy at the matched costs. None when the table holds no baseline."""
+    scores = {}
+    for r in table:
+        if r["method"] in BASELINES:
+            auc = -math.inf if math.isnan(r["auc"]) else r["auc"]
+            best = scores.get(r["method"], (auc, -math.inf))[1]
+            scores[r["method"]] = (auc, max(best, -math.inf if math.isnan(r["accuracy"]) else r["accuracy"]))
+    return max(scores, key=scores.get) if scores else None
+
+
+def nearest_in_cost(rows: list[dict], method: str, cost: float) -> dict:
+    """The operating point of `method` (report curves) whose normalised cost is nearest `cost`."""
+    return min(curves(rows)[method], key=lambda r: abs(r["cost_norm"] - cost))
+
+
+def plot_decomposition_pair(jei: dict, other: dict, path):
+    """Figure 3 with two methods on the same axes: per-exit accuracy on the exited samples (a) and on all (b)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for row, color, shift in ((jei, "tab:blue", -0.12), (other, "tab:orange", 0.12)):
+        hist = np.array(row["exit_hist"], dtype=float)
+        exits = np.arange(1, hist.size + 1)
+        sizes = 20 + 600 * hist / max(hist.max(), 1)
+        name = "JEI-DNN" if row["method"] == "jei" else row["method"]
+        label = f"{name}: cost {row['cost_norm']:.2f}, accuracy {row['accuracy']:.3f}"
+        for ax, key in ((axes[0], "exit_acc_exited"), (axes[1], "exit_acc_all")):
+            acc = np.array(row[key], dtype=float)
+            ax.plot(exits + shift, acc, color=color, lw=0.8, alpha=0.5)
+            ax.scatter((exits + shift)[hist > 0], acc[hist > 0], s=sizes[hist > 0], color=color, alpha=0.5,
+                       edgecolor="black", label=label)
+            ax.axhline(row["accuracy"], ls=":", color=color)
+    for ax, title in ((axes[0], "a) accuracy of IM l on the samples exiting at l"),
+                      (axes[1], "b) accuracy of IM l on all samples")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("exit l (circle area: samples exited; dotted: overall accuracy)")
+        ax.set_xticks(np.arange(1, len(jei["exit_hist"]) + 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="lower right", markerscale=0.4)
+    fig.suptitle("exit decomposition: JEI-DNN vs the best baseline at a similar cost", fontsize=10)
     _save(fig, path)
 
 
@@ -206,6 +283,30 @@ def write_plots(rows: list[dict], out, lam: float | None = None, split: str = "t
     return list(paths.values())
 
 
+def write_compare_plots(rows: list[dict], out, table: list[dict], lam: float | None = None,
+                        split: str = "test") -> list[Path]:
+    """The compare figures (module docstring) that the rows allow: ablation.png when JEI-DNN and an ablation are
+    present, exit_decomposition_compare.png when JEI-DNN and a baseline are. table: heads.matched.matched_costs."""
+    out, rows, paths = Path(out), _split(rows, split), []
+    present = set(curves(rows))
+    if "jei" in present and present & (set(ABLATION) - {"jei"}):
+        paths.append(out / "ablation.png")
+        plot_ablation(rows, paths[-1])
+    other = best_baseline(table)
+    if "jei" in present and other is not None:
+        star = decomposition_row(rows, lam)
+        paths.append(out / "exit_decomposition_compare.png")
+        plot_decomposition_pair(star, nearest_in_cost(rows, other, star["cost_norm"]), paths[-1])
+    return paths
+
+
+def _param(r) -> str:
+    """The lambda of a row, or p= of a threshold-gated baseline row."""
+    if r.get("lam") is not None:
+        return f"{r['lam']:>9.4g}"
+    return f"{'p=' + format(r['p'], '.3g'):>9}"
+
+
 def results_table(rows: list[dict], split: str = "test") -> str:
     """The selected models (one line per lambda) and the single-exit references, as plain text."""
     rows = _split(rows, split)
@@ -214,9 +315,10 @@ def results_table(rows: list[dict], split: str = "test") -> str:
     for method, points in curves(rows).items():
         if len(curves(rows)) > 1:
             lines.append(f"[{method}]")
-        for r in sorted(points, key=lambda r: r["lam"] if r.get("lam") is not None else r["cost_norm"]):
+        for r in sorted(points, key=lambda r: next(r[k] for k in ("lam", "p", "cost_norm") if r.get(k) is not None)):
             half = (r["accuracy_ci_high"] - r["accuracy_ci_low"]) / 2
-            lines.append(f"{r['lam']:>9.4g} {r['trial']:>5}  {100 * r['accuracy']:>8.2f} +- {100 * half:>5.2f}  "
+            trial = "-" if r.get("trial") is None else r["trial"]
+            lines.append(f"{_param(r)} {trial:>5}  {100 * r['accuracy']:>8.2f} +- {100 * half:>5.2f}  "
                          f"{r['cost_norm']:>5.3f}  {r['ece']:>6.4f}  {r['ece_temp']:>6.4f}  "
                          f"{r['reported_inefficiency_gated']:>6.2f}  {r['epochs']:>6}")
     singles = sorted((r for r in rows if r["method"] == "single-exit"), key=lambda r: r["exit"])

@@ -12,6 +12,10 @@
     RUN/results.parquet     one row per trial and split, columns below; the schema metadata holds the settings.json
                             object (key b"jei.settings", JSON) and the cache fingerprint (b"jei.cache_fingerprint")
     RUN/*.png               plots written by `report` (heads/report.py)
+    RUN/matched_costs.csv   `report`: accuracy at matched normalised costs and the area under each curve
+                            (heads/matched.py)
+    RUN/methods/<m>.parquet `compare`: the evaluated rows of baseline method m, written as soon as m is done, with
+                            the run's settings_hash in the schema metadata; a rerun of the same settings re-uses them
 
 Every file is written to a temporary name in RUN and renamed over the old one, so a killed run never leaves a
 half-written file. settings.json is written before training starts (status "training"), the heads as soon as
@@ -22,7 +26,13 @@ Columns of results.parquet (null where a column does not apply to a row's method
     method            "jei": a trained model at gate threshold 0.5 (eq. 4: first exit with P(E^l|x) > 0.5);
                       "jei-threshold": a selected model at another gate threshold (a cost/accuracy curve from one
                       model); "single-exit": every sample leaves at one exit (warm-up IMs; exit L is the backbone's
-                      head, or a trained last IM when the cache's head is not the task's), the fixed reference points
+                      head, or a trained last IM when the cache's head is not the task's), the fixed reference points;
+                      `compare` adds the baselines of heads/baselines.py (threshold, threshold-warmup, boosted, l2w:
+                      one row per budget p and split; fixed-ims, diffbranch: one per lambda and split)
+    p                 compare, threshold-gated methods: MSDNet budget parameter p (heads/thresholds.py), else null
+    budget_fractions, exit_thresholds, v1_exit_hist   compare, threshold-gated methods: lists (L) of the target
+                      exit shares, the max-softmax thresholds fitted on V1 (+inf: exit closed; the last is -inf) and
+                      the V1 samples exiting at each exit
     split             "v2" (second half of the validation split: selection, temperature, conformal thresholds) or
                       "test"
     trial             trial id, unique in the run (null for single-exit rows)
@@ -50,9 +60,11 @@ Columns of results.parquet (null where a column does not apply to a row's method
     exit_hist         list (L): samples exiting at each exit
     exit_acc_exited   list (L): accuracy of each exit's IM on the samples that exit there (NaN where none)
     exit_acc_all      list (L): accuracy of each exit's IM on all samples (figure 3b)
-    epochs            bi-level epochs until the kept (best-on-V2) state; warm-up epochs for single-exit rows
+    epochs            bi-level epochs until the kept (best-on-V2) state; warm-up epochs for single-exit rows;
+                      compare: epochs of the kept IM state for threshold, boosted, l2w (no warm-up/bi-level split)
     seconds           wall time of the stacked pass that trained the trial divided by its number of trials (the
-                      warm-up time for single-exit rows)
+                      warm-up time for single-exit rows); compare baselines: the method's training time divided by
+                      its number of operating points
 """
 import hashlib
 import json
@@ -69,6 +81,9 @@ HEADS = "heads.safetensors"
 HEADS_INDEX = "heads.json"
 META_SETTINGS = b"jei.settings"
 META_FINGERPRINT = b"jei.cache_fingerprint"
+META_HASH = b"jei.settings_hash"
+MATCHED = "matched_costs.csv"
+PARTS = "methods"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -138,6 +153,44 @@ def read_results(run: Path) -> tuple[list[dict], dict]:
     table = pq.read_table(path)
     settings = json.loads(table.schema.metadata[META_SETTINGS])
     return table.to_pylist(), settings
+
+
+def uniform_rows(rows: list[dict]) -> list[dict]:
+    """Every row with every column (None where absent), so that Parquet sees one schema."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def write_part(run: Path, name: str, rows: list[dict], settings_hash_: str) -> None:
+    """RUN/methods/<name>.parquet: the finished rows of one method of a `compare` run."""
+    table = pa.Table.from_pylist(uniform_rows(rows))
+    table = table.replace_schema_metadata({META_HASH: settings_hash_.encode()})
+    folder = Path(run) / PARTS
+    folder.mkdir(exist_ok=True)
+    _atomic_write(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+
+
+def read_part(run: Path, name: str, settings_hash_: str) -> list[dict] | None:
+    """The rows write_part stored for `name`, or None when absent or written under other settings."""
+    path = Path(run) / PARTS / f"{name}.parquet"
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    if (table.schema.metadata or {}).get(META_HASH, b"").decode() != settings_hash_:
+        return None
+    return table.to_pylist()
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """A CSV with one line per dict (columns: the keys of the first row), written atomically."""
+    import csv
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    _atomic_write(Path(path), write)
 
 
 def save_heads(run: Path, groups: list[dict], settings_hash_: str) -> None:

@@ -1,0 +1,167 @@
+"""`compare`: JEI-DNN and the paper's baselines and ablations from ONE feature cache, evaluated alike, in one run.
+
+    python pipeline.py compare --cache CACHE --out RUN --lambdas 0.01:10 --methods jei,threshold,boosted,l2w
+    python pipeline.py report RUN        # figures 2, 3, 5, 9 overlaid, matched_costs.csv
+    result = run_compare("cache/x.zarr", CompareSettings(lambdas=(0.01, 0.1, 1.0)), TrainSettings(), "runs/cmp")
+
+What runs, in order, sharing one loaded cache (heads/sweep.py Session) and ONE warm-up:
+  warm-up   heads.train.warmup for max_epochs epochs (snapshots after every epoch): JEI-DNN, fixed-ims and
+            diffbranch start from its epoch-warmup_epochs snapshot, threshold-warmup gates exactly those IMs,
+            "threshold" gates the IMs after all max_epochs epochs, and the single-exit reference rows are those
+            same fully trained IMs (each at its best V2 epoch). The snapshot of epoch w does not depend on how many
+            epochs follow, so the JEI-DNN rows equal those of `sweep` with the same settings.
+  jei       the lambda sweep of heads/sweep.py (train_groups, reference_group, evaluate_group, Run.finish): one
+            stacked bi-level pass, rows "jei" (+ "jei-threshold" curves of the selected models) and "single-exit".
+  baselines heads.baselines.run_baselines, one method at a time (the learned-gate ones on the same lambdas), every
+            operating point evaluated with heads.evaluate.evaluate against the same per-exit costs.
+Rows and columns: heads/rundir.py (method, p for threshold-gated rows, lam for learned-gate rows).
+
+Run directory and reruns: identical to `sweep` (settings.json with status and the requested `methods`, the JEI-DNN
+heads in heads.safetensors, results.parquet last, every file written atomically), plus RUN/methods/<m>.parquet:
+the evaluated rows of each baseline, written as soon as that method is done. The settings hash covers the cache,
+the training settings, the lambdas, the gate thresholds and the baseline settings, NOT the methods list, because
+a method's numbers do not depend on which others run; so a rerun into the same RUN (after a kill, or with more
+methods) re-uses the saved JEI-DNN heads (re-evaluated) and every finished baseline, and trains only the rest.
+--overwrite retrains everything.
+"""
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from heads import rundir
+from heads.baselines import LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, run_baselines
+from heads.evaluate import evaluate
+from heads.sweep import (
+    DEFAULT_THRESHOLDS, REFERENCE_GROUP, Run, RunResult, Session, SweepSettings, evaluate_group, expand_trials,
+    reference_group, select_per_lambda, train_groups,
+)
+from heads.train import SplitTensors, TrainSettings
+
+COMPARE_METHODS = ("jei", *METHODS)
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    lambdas: tuple[float, ...]                         # JEI-DNN's sweep, and the lambdas of fixed-ims / diffbranch
+    methods: tuple[str, ...] = COMPARE_METHODS
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # gate thresholds of the selected JEI-DNN models' curves
+    baselines: BaselineSettings = BaselineSettings()
+
+    def __post_init__(self):
+        SweepSettings(self.lambdas, (), self.thresholds)       # the sweep's checks of lambdas and thresholds
+        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct names from {', '.join(COMPARE_METHODS)}; got "
+                             f"{', '.join(self.methods) or 'none'}")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """"jei,threshold,..." -> the names in COMPARE_METHODS order; "all" -> every method."""
+    names = [m.strip() for m in str(text).split(",") if m.strip()]
+    if names == ["all"]:
+        return COMPARE_METHODS
+    unknown = [m for m in names if m not in COMPARE_METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from all, {', '.join(COMPARE_METHODS)}")
+    return tuple(m for m in COMPARE_METHODS if m in names)
+
+
+class CompareRun(Run):
+    """A sweep run directory whose settings.json also lists the requested methods (kept out of the hash)."""
+
+    def __init__(self, out, cache, settings: TrainSettings, compare: CompareSettings, overwrite: bool):
+        self.methods = list(compare.methods)
+        identity = {"lambdas": list(compare.lambdas), "thresholds": list(compare.thresholds), "grid": {},
+                    "baselines": dataclasses.asdict(compare.baselines)}
+        super().__init__(out, cache, "compare", settings, identity, overwrite)
+
+    def write_status(self, status: str, **extra) -> dict:
+        return super().write_status(status, methods=self.methods, **extra)
+
+
+def shared_warmup(session: Session, settings: TrainSettings):
+    """The one warm-up of the run: max_epochs epochs, held by the session for every later user (module doc)."""
+    longer = dataclasses.replace(settings, max_epochs=settings.max_epochs + 1)
+    return session.warmed(longer, [{"lam": 0.0, "warmup_epochs": settings.max_epochs}])
+
+
+def _jei_groups(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
+                log) -> list[dict]:
+    """Saved heads groups when they hold what is asked (JEI-DNN when requested), else trained now and saved."""
+    want_jei = "jei" in compare.methods
+    saved = run.saved_groups(settings.device) if run.saved is not None else []
+    if saved and (not want_jei or any(g["group"] != REFERENCE_GROUP for g in saved)):
+        log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+        return [g for g in saved if want_jei or g["group"] == REFERENCE_GROUP]
+    trials = expand_trials(compare.lambdas, ())
+    start = time.perf_counter()
+    shared_warmup(session, settings)
+    groups = train_groups(session, trials, (), settings) if want_jei else []
+    groups.append(reference_group(session, settings, trials))
+    run.timings.update(train_seconds=time.perf_counter() - start, warmup_seconds=session.warm_seconds)
+    run.save_groups(groups)
+    return groups
+
+
+def point_rows(session: Session, points: list[MethodPoint], settings: TrainSettings) -> list[dict]:
+    """Two rows (v2, test) per operating point of one baseline method, evaluated like JEI-DNN's."""
+    rows = []
+    for pt in tqdm(points, desc=f"evaluate {points[0].method}", unit="point", leave=False,
+                   disable=not session.progress):
+        gated = pt.method in LAMBDA_METHODS
+        base = {"method": pt.method, "trial": None, "lam": pt.param if gated else None,
+                "p": None if gated else pt.param,
+                "threshold": 0.5 if gated else math.nan, "lr": settings.lr, "weight_decay": settings.weight_decay,
+                "warmup_epochs": settings.warmup_epochs if gated or pt.method == "threshold-warmup" else None,
+                "epochs": int(pt.extra["epochs"]), "seconds": pt.extra["train_seconds"] / len(points)}
+        if not gated:
+            base.update(budget_fractions=pt.extra["fractions"], exit_thresholds=pt.extra["thresholds"],
+                        v1_exit_hist=pt.extra["v1_exit_hist"])
+        metrics = evaluate(pt.v2, pt.test, session.costs)
+        rows += [{**base, "split": split, **metrics[split]} for split in ("v2", "test")]
+    return rows
+
+
+def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings, reuse: bool,
+                   log) -> list[dict]:
+    test = SplitTensors(session.test_features, torch.as_tensor(session.test_labels, device=settings.device),
+                        session.test_logits)
+    rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
+    methods = [m for m in compare.methods if m != "jei"]
+    for method in tqdm(methods, desc="baselines", unit="method", leave=False, disable=not session.progress):
+        done = rundir.read_part(run.out, method, run.digest) if reuse else None
+        if done is not None:
+            log(f"re-using the finished {method} rows in {run.out / rundir.PARTS}")
+        else:
+            start = time.perf_counter()
+            points = run_baselines(session.data, test, [method], settings, compare.baselines, compare.lambdas,
+                                   warm=shared_warmup(session, settings), log=log)
+            done = point_rows(session, points, settings)
+            seconds[method] = time.perf_counter() - start
+            rundir.write_part(run.out, method, done, run.digest)
+            run.write_status("training")        # the timings so far
+        rows += done
+    return rows
+
+
+def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, out, overwrite: bool = False,
+                progress: bool = True, log=print) -> RunResult:
+    """Train, evaluate and record every requested method (module docstring); returns the run's rows."""
+    from cache.store import open_cache
+
+    with open_cache(cache_path) as cache:
+        run = CompareRun(out, cache, settings, compare, overwrite)
+        session = Session(cache, settings, progress)
+        groups = _jei_groups(session, run, compare, settings, log)
+        baseline_rows = _baseline_rows(session, run, compare, settings, not overwrite, log)
+        run.write_status("evaluating")
+        start = time.perf_counter()
+        rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
+        run.timings["evaluate_seconds"] = time.perf_counter() - start
+        return run.finish(session, groups, rows + baseline_rows, select_per_lambda(rows), compare.thresholds,
+                          warn="jei" in compare.methods and len(compare.lambdas) > 1)
