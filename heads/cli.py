@@ -28,6 +28,8 @@ TRAIN_OPTIONS = (
     click.option("--full-gradient/--no-full-gradient", default=None, help="JEI-DNN-FULL: eq. 29 (default off)."),
     click.option("--im-loss", type=click.Choice(["weighted", "uniform"]), default=None,
                  help="IM loss: weighted by P(G=l|x) (eq. 30, default) or plain cross-entropy."),
+    click.option("--gate-weight-cap", type=float, default=None,
+                 help="Cap on the gates' class-imbalance weight n_neg/n_pos (default 2; 1 = unweighted BCE)."),
     click.option("--seed", type=int, default=None, help="Seed of weights and batch order (default 0)."),
     click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
 )
@@ -40,7 +42,7 @@ RUN_OPTIONS = (
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
 )
 TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "max_epochs", "warmup_epochs", "bi_switch", "patience",
-                "targets", "full_gradient", "im_loss", "seed", "device")
+                "targets", "full_gradient", "im_loss", "gate_weight_cap", "seed", "device")
 
 
 def _options(options):
