@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """JEI-DNN on a frozen backbone, in two stages: extract features once, then train exits from the cache.
 
+    python pipeline.py demo                                   # the embedded default, end to end
     python pipeline.py extract --backbone t2t_vit_14 --dataset cifar100 --data-dir DATA --weights CKPT
     python pipeline.py costs   --backbone t2t_vit_14 --num-classes 100 --img-size 224 --json
     python pipeline.py cache info|verify CACHE
@@ -20,6 +21,7 @@ from cache.cli import cache_group
 from extract.cli import costs_cmd, extract_cmd
 from extract.finetune_cli import finetune_cmd
 from heads.cli import compare_cmd, fit_cmd, report_cmd, sweep_cmd, train_cmd
+from heads.demo import demo_cmd
 from heads.predict_cli import predict_cmd
 
 
@@ -28,6 +30,7 @@ def cli():
     """Early-exit heads (JEI-DNN) trained from a feature cache of a frozen backbone."""
 
 
+cli.add_command(demo_cmd)
 cli.add_command(extract_cmd)
 cli.add_command(costs_cmd)
 cli.add_command(cache_group)
