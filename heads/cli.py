@@ -17,9 +17,10 @@ import click
 TRAIN_OPTIONS = (
     click.option("--lr", type=float, default=None, help="Adam learning rate (default 0.01)."),
     click.option("--weight-decay", type=float, default=None, help="Adam L2 weight decay (default 5e-4)."),
-    click.option("--batch-size", type=int, default=None, help="Mini-batch size (default 64)."),
+    click.option("--batch-size", type=int, default=None, help="Mini-batch size (default 64; 256 for SVHN as in the paper)."),
     click.option("--max-epochs", type=int, default=None,
-                 help="Warm-up + bi-level epochs at most (default 15; the paper uses 30 for CIFAR-100)."),
+                 help="Warm-up + bi-level epochs at most (default: the paper's for the cache's dataset, CIFAR-10/SVHN 15, "
+                      "CIFAR-100-LT 20, CIFAR-100 30; else 15)."),
     click.option("--warmup-epochs", type=int, default=None, help="Warm-up epochs of the IMs (default 2)."),
     click.option("--bi-switch", type=int, default=None, help="Batches between GATE/CLASSIFIER switches (default 200)."),
     click.option("--patience", type=int, default=None, help="Epochs without a better V2 objective (default 4)."),
@@ -53,13 +54,21 @@ def _options(options):
     return decorate
 
 
-def _train_settings(kwargs: dict):
-    """TrainSettings from the options given (the others keep the dataclass defaults)."""
+def _train_settings(kwargs: dict, cache_path):
+    """TrainSettings from the options given; the others take the paper's value for the cache's dataset (appendix
+    9.1.2: max epochs, SVHN's batch size) or the dataclass default."""
     import torch
 
-    from heads.train import TrainSettings
+    from cache.store import CacheError, open_cache
+    from heads.train import PAPER_DATASET_DEFAULTS, TrainSettings
     given = {k: kwargs.pop(k) for k in TRAIN_FIELDS}
     given = {k: v for k, v in given.items() if v is not None}
+    try:
+        with open_cache(cache_path) as cache:
+            dataset = cache.manifest["dataset"]["name"]
+    except CacheError as err:
+        raise click.UsageError(str(err)) from None
+    given = {**PAPER_DATASET_DEFAULTS.get(dataset, {}), **given}
     given.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         return TrainSettings(**given)
@@ -133,7 +142,8 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train one JEI-DNN model (IMs + gates) from a feature cache, evaluate it, write a run directory."""
     if not lam > 0:
         raise click.BadParameter(f"{lam} must be > 0", param_hint="--lam")
-    settings = _train_settings(kwargs)
+    cache_path = _cache(cache_path)
+    settings = _train_settings(kwargs, cache_path)
     from heads.sweep import SweepSettings, run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
                                     command="train", overwrite=overwrite, progress=progress, log=click.echo))
@@ -155,7 +165,8 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
         items = grid_items(parse_grid(grid))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
-    settings = _train_settings(kwargs)
+    cache_path = _cache(cache_path)
+    settings = _train_settings(kwargs, cache_path)
     try:
         check_grid(settings, items)
     except ValueError as err:
@@ -184,7 +195,8 @@ def fit_cmd(target_cost, lam_range, points, rounds, cache_path, out, overwrite, 
         fit = FitSettings(target_cost, lam_range[0], lam_range[-1], points, rounds, thresholds=thresholds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    settings = _train_settings(kwargs)
+    cache_path = _cache(cache_path)
+    settings = _train_settings(kwargs, cache_path)
     result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
                                           progress=progress, log=click.echo))
     _summarise(result)
@@ -227,7 +239,8 @@ def _matched(rows, run, split):
 def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
     from heads.compare import CompareSettings, run_compare
-    settings = _train_settings(kwargs)
+    cache_path = _cache(cache_path)
+    settings = _train_settings(kwargs, cache_path)
     try:
         compare = CompareSettings(tuple(lambdas), methods, thresholds)
     except ValueError as err:
