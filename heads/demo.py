@@ -73,7 +73,7 @@ def demo_cmd(limit, lambdas, progress):
     s = DEMO
     ensure_fashion_mnist()
     click.echo(f"[1/3] python pipeline.py extract --backbone {s.backbone} --weights {s.weights} --dataset {s.dataset} "
-               f"--img-size {s.img_size} --limit {limit} --out {s.cache}", err=True)
+               f"--img-size {s.img_size}{'' if limit is None else f' --limit {limit}'} --out {s.cache}", err=True)
     cache = run_extraction(ExtractSettings(backbone=s.backbone, weights=s.weights, dataset=s.dataset,
                                            img_size=s.img_size, limit=limit, out=s.cache, progress=progress))
     click.echo(f"[2/3] python pipeline.py sweep --cache {cache} --lambdas {lambdas} --out {s.run}", err=True)

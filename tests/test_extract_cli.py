@@ -25,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in the subprocesses (OMP_NUM_THREADS=1): the same arithmetic, so the same bytes,
-    and no thread oversubscription on a small shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from extract.finetune_cli import finetune_cmd
 K, PER_CLASS, BATCH, EPOCHS = 3, 20, 8, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the same arithmetic in every run, so resumed and uninterrupted runs agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,7 @@ ALPHA = 0.2                     # V2 has 10 rows: at alpha 0.05 every conformal 
 TRAIN = TrainSettings(max_epochs=5, warmup_epochs=1, batch_size=16, bi_switch=3, patience=3, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the extraction and the runtime then use the same kernels, and the 2-core machine is
-    not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_cli_rejects_bad_input(tiny_cache, tmp_path):
     result = invoke("fit", "--cache", tiny_cache, "--target-cost", "1.5", "--out", tmp_path / "r", *FAST)
     assert result.exit_code == 2 and "(0, 1]" in result.output
     result = invoke("train", "--cache", tmp_path / "missing.zarr", "--lam", "1", "--out", tmp_path / "r", *FAST)
-    assert result.exit_code == 1 and "missing.zarr" in result.output
+    assert result.exit_code == 2 and "missing.zarr" in result.output   # a bad --cache is a usage error
 
 
 # ---- sweep ------------------------------------------------------------------------------------------------------
