@@ -68,10 +68,14 @@ def area_under(cost, accuracy, lo: float, hi: float) -> float:
 
 def common_range(points: dict[str, list[dict]]) -> tuple[float, float]:
     """(lo, hi): the normalised-cost range every compared method covers. Left out: the single exits (a
-    reference), and methods whose points all cost the same (no curve to integrate; their area is NaN). lo >= hi
-    when the ranges do not overlap."""
+    reference), methods whose points all cost the same (no curve to integrate; their area is NaN), and, when the
+    ranges do not overlap, the narrowest methods until the rest do. lo >= hi only when no two ranges overlap."""
     spans = {m: (min(r["cost_norm"] for r in pts), max(r["cost_norm"] for r in pts)) for m, pts in points.items()}
     methods = [m for m, (a, b) in spans.items() if m != REFERENCE and a < b] or list(spans)
+    # a method with a narrow range (DiffBranch often sits at one cost) would empty the intersection for everyone:
+    # leave out the narrowest methods, one at a time, until the others overlap (those left out get NaN areas)
+    while len(methods) > 1 and max(spans[m][0] for m in methods) >= min(spans[m][1] for m in methods):
+        methods.remove(min(methods, key=lambda m: spans[m][1] - spans[m][0]))
     return max(spans[m][0] for m in methods), min(spans[m][1] for m in methods)
 
 

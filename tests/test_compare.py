@@ -243,3 +243,10 @@ def test_matched_costs_on_hand_made_rows_use_the_common_range():
     assert "[0.300, 0.700]" in text and len(text.splitlines()) == 2 + 4
     with pytest.raises(ValueError, match="no operating points"):
         matched_costs(rows, split="v1")
+
+
+def test_common_range_leaves_out_a_narrow_method_that_overlaps_nobody():
+    span = lambda a, b: [{"cost_norm": a}, {"cost_norm": b}]   # noqa: E731
+    points = {"jei": span(0.25, 0.5), "threshold": span(0.06, 0.9), "diffbranch": span(0.14, 0.21)}
+    assert common_range(points) == (0.25, 0.5)                 # diffbranch dropped: it overlaps jei nowhere
+    assert common_range({**points, "diffbranch": span(0.14, 0.3)}) == (0.25, 0.3)   # overlapping: kept
