@@ -423,14 +423,8 @@ class Run:
         warnings = lambda_range_warnings(rows, session.costs) if warn else []
         self.timings["evaluate_seconds"] = self.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
         settings = self.write_status("complete", warnings=warnings)
-        rundir.write_results(self.out, _uniform(rows), settings)
+        rundir.write_results(self.out, rundir.uniform_rows(rows), settings)
         return RunResult(self.out, rows, settings, warnings)
-
-
-def _uniform(rows: list[dict]) -> list[dict]:
-    """Every row with every column (None where absent), so that Parquet sees one schema."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k) for k in keys} for r in rows]
 
 
 def _evaluate_all(session: Session, run: Run, groups: list[dict]) -> list[dict]:
