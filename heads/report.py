@@ -105,11 +105,7 @@ def plot_accuracy(rows, path, star=None):
     if star is not None:
         ax.plot(star["cost_norm"], star["accuracy"], "*", ms=14, color="gold", mec="black",
                 label=f"decomposed (lambda {star['lam']:.3g})", zorder=5)
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, X_LABEL, "accuracy", path)
 
 
 def plot_ece(rows, path):
@@ -120,11 +116,7 @@ def plot_ece(rows, path):
     singles = sorted((r for r in rows if r["method"] == "single-exit"), key=lambda r: r["cost_norm"])
     if singles:
         ax.plot(*_xy(singles, "ece"), "s", ms=4, color="black", mfc="none", label="single exit")
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel("ECE (15 equal-mass bins)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, X_LABEL, "ECE (15 equal-mass bins)", path)
 
 
 def _construction_style(method_color, construction, n_methods):
@@ -147,11 +139,7 @@ def plot_inefficiency(rows, path):
             if key in points[0]:
                 ax.plot(*_xy(points, key), marker="o", ms=3, label=f"{method}: {c}",
                         **_construction_style(color, c, len(lines)))
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel("inefficiency (mean set size), coverage >= 95%")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, X_LABEL, "inefficiency (mean set size), coverage >= 95%", path)
 
 
 def plot_alpha(rows, path):
@@ -167,11 +155,7 @@ def plot_alpha(rows, path):
             ax.plot(alphas, empirical, marker="o", ms=3, label=f"{method}: {c}",
                     **_construction_style(color, c, len(lines)))
     ax.plot([0, top], [0, top], color="0.5", lw=0.8, label="empirical = requested")
-    ax.set_xlabel("requested alpha")
-    ax.set_ylabel("empirical alpha (1 - coverage), mean over models")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, "requested alpha", "empirical alpha (1 - coverage), mean over models", path)
 
 
 def plot_ablation(rows, path):
@@ -184,12 +168,8 @@ def plot_ablation(rows, path):
             ax.plot(x, y, "o-", ms=3, color=colours[method], label=ABLATION[method], zorder=3)
             ax.fill_between(x, _xy(points, "accuracy_ci_low")[1], _xy(points, "accuracy_ci_high")[1],
                             color=colours[method], alpha=0.25, lw=0, zorder=2)
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel("accuracy")
     ax.set_title("ablation (appendix 9.6)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, X_LABEL, "accuracy", path)
 
 
 def best_baseline(table: list[dict]) -> str | None:
@@ -255,6 +235,15 @@ def plot_decomposition(row, path):
         ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("accuracy")
     fig.suptitle(f"exit decomposition, lambda {row['lam']:.3g}, cost {row['cost_norm']:.2f} IC$^L$", fontsize=10)
+    _save(fig, path)
+
+
+def _finish(fig, ax, xlabel, ylabel, path):
+    """The single-panel figures' common ending: labels, grid, legend, save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
