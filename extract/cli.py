@@ -8,14 +8,25 @@ import json
 import click
 
 
+SOURCE_OPTIONS = (
+    click.option("--backbone", required=True, help="timm model name (t2t_vit_7, vit_tiny_patch16_224, resnet18, ...)."),
+    click.option("--weights", default=None, help="Checkpoint file, or a packaged name (efficientnet-lite0). "
+                 "Default: random init (seeded)."),
+    click.option("--dataset", required=True, help="cifar10, cifar100, cifar100-lt, svhn, fashion-mnist or imagefolder."),
+    click.option("--data-dir", default=None, help="Where the dataset's files are (default: per dataset)."),
+    click.option("--download", is_flag=True, help="Let torchvision fetch a missing CIFAR/SVHN/Fashion-MNIST."),
+)
+
+
+def source_options(f):
+    """The backbone and dataset options that `extract` and `finetune` share."""
+    for option in reversed(SOURCE_OPTIONS):
+        f = option(f)
+    return f
+
+
 @click.command("extract")
-@click.option("--backbone", required=True, help="timm model name (t2t_vit_7, vit_tiny_patch16_224, resnet18, ...).")
-@click.option("--weights", default=None, help="Checkpoint file, or a packaged name (efficientnet-lite0). "
-              "Default: random init (seeded).")
-@click.option("--dataset", required=True,
-              help="cifar10, cifar100, cifar100-lt, svhn, fashion-mnist or imagefolder.")
-@click.option("--data-dir", default=None, help="Where the dataset's files are (default: per dataset).")
-@click.option("--download", is_flag=True, help="Let torchvision fetch a missing CIFAR/SVHN/Fashion-MNIST.")
+@source_options
 @click.option("--img-size", type=int, default=None, help="Input size (default: the backbone's).")
 @click.option("--num-classes", type=int, default=None, help="Head size (default: the dataset's class count).")
 @click.option("--tokens", type=click.Choice(["cls", "cls+mean", "all"]), default="cls", show_default=True,

@@ -6,15 +6,11 @@
 """
 import click
 
+from .cli import source_options
+
 
 @click.command("finetune")
-@click.option("--backbone", required=True, help="timm model name (t2t_vit_14, vit_small_patch16_224, resnet18, ...).")
-@click.option("--weights", default=None, help="Pretrained checkpoint file or packaged name (efficientnet-lite0). "
-              "Default: random init (seeded).")
-@click.option("--dataset", required=True,
-              help="cifar10, cifar100, cifar100-lt, svhn, fashion-mnist or imagefolder.")
-@click.option("--data-dir", default=None, help="Where the dataset's files are (default: per dataset).")
-@click.option("--download", is_flag=True, help="Let torchvision fetch a missing CIFAR/SVHN/Fashion-MNIST.")
+@source_options
 @click.option("--out", required=True, help="Checkpoint to write (.pth); resumed when it exists.")
 @click.option("--img-size", type=int, default=None, help="Input size (default: the backbone's). Extract at the same.")
 @click.option("--normalize", type=click.Choice(["backbone", "dataset"]), default="backbone", show_default=True,
