@@ -9,7 +9,8 @@ import click
 
 
 SOURCE_OPTIONS = (
-    click.option("--backbone", required=True, help="timm model name (t2t_vit_7, vit_tiny_patch16_224, resnet18, ...)."),
+    click.option("--backbone", required=True,
+                 help="timm model name (t2t_vit_7, vit_tiny_patch16_224, resnet18, ...)."),
     click.option("--weights", default=None, help="Checkpoint file, or a packaged name (efficientnet-lite0). "
                  "Default: random init (seeded)."),
     click.option("--dataset", required=True, help="cifar10, cifar100, cifar100-lt, svhn, fashion-mnist or imagefolder."),
