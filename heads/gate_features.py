@@ -18,9 +18,9 @@ import numba
 import numpy as np
 import torch
 
-# numba's default OpenMP layer shares libgomp with torch and resets torch's thread count on its first parallel
-# call; the workqueue layer is numba's own and leaves torch alone. Must be set before the first parallel launch.
-numba.config.THREADING_LAYER = "workqueue"
+from heads import cpu
+
+cpu.configure()   # numba on torch's OpenMP threads, denormals flushed: before the first parallel launch
 
 FEATURE_NAMES = ("max_prob", "entropy", "entropy_pow", "margin")
 

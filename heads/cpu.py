@@ -1,0 +1,89 @@
+"""How stage two uses the CPU: numba's kernels run on torch's OpenMP threads, and every one of those threads
+flushes denormal floats to zero.
+
+    from heads import cpu
+    cpu.configure()        # done on import of heads.gate_features; idempotent
+
+Shared threads: numba's OpenMP layer loads libgomp.so.1, the copy torch already loaded, so both share one thread
+pool. With numba's own pool (workqueue) torch's idle OpenMP threads spin after every torch op while numba's threads
+want the same cores: on 2 cores the training step measured ~25 % slower. numba's pool start-up sets OpenMP's thread
+count to numba's; it is started here, once, and torch's count restored.
+
+Denormals: a confident IM puts probabilities below 1.2e-38 (logit gaps > 87), its softmax, logit gradient and the
+products that consume them are then denormal, and x86 handles those in microcode. Measured on this project's 2-core
+machine: the (13, 384, 64) @ (13, 64, 2000) weight-gradient product took 1000 ms instead of 7 ms, torch's softmax
+9.5 ms instead of 1.1 ms (tests/test_cpu.py shows the flush itself; bench/ the speed). torch.set_flush_denormal
+sets flush-to-zero and denormals-are-zero (MXCSR) on the calling thread only, and OpenMP threads that already
+exist keep their own MXCSR; so the bits are also set from inside a parallel numba loop that runs on every pool
+thread. Values below 1.2e-38 become 0: nothing this program computes depends on them.
+"""
+import platform
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+FTZ_DAZ = 0x8040                # MXCSR bits: flush-to-zero (15) and denormals-are-zero (6)
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_configured = False
+
+
+@intrinsic
+def _set_mxcsr_ftz_daz(typingctx):
+    """MXCSR |= FTZ_DAZ on the executing thread (x86 SSE control register)."""
+    def codegen(context, builder, signature, args):
+        i32, ptr_type = ir.IntType(32), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [ptr_type])
+        module = builder.module
+        stmxcsr = module.declare_intrinsic("llvm.x86.sse.stmxcsr", fnty=fnty)
+        ldmxcsr = module.declare_intrinsic("llvm.x86.sse.ldmxcsr", fnty=fnty)
+        slot = builder.alloca(i32)
+        ptr = builder.bitcast(slot, ptr_type)
+        builder.call(stmxcsr, [ptr])
+        builder.store(builder.or_(builder.load(slot), ir.Constant(i32, FTZ_DAZ)), slot)
+        builder.call(ldmxcsr, [ptr])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@numba.njit(parallel=True, cache=True)
+def _flush_on_every_thread(marks):
+    # many more iterations than threads: every thread of the (static) schedule runs some of them
+    for i in numba.prange(marks.shape[0]):
+        _set_mxcsr_ftz_daz()
+        marks[i] = 1
+
+
+def _share_torch_threads() -> None:
+    try:
+        from numba.np.ufunc import omppool  # noqa: F401  (is the OpenMP layer loadable?)
+        from numba.np.ufunc.parallel import _launch_threads
+    except ImportError:
+        numba.config.THREADING_LAYER = "workqueue"
+        return
+    numba.config.THREADING_LAYER = "omp"
+    before = torch.get_num_threads()
+    _launch_threads()
+    torch.set_num_threads(before)
+
+
+def flush_denormals() -> bool:
+    """Flush denormals to zero on this thread and on every thread of the shared pool; False where unsupported."""
+    if not torch.set_flush_denormal(True):
+        return False
+    if _X86:
+        _flush_on_every_thread(np.zeros(64 * max(numba.get_num_threads(), torch.get_num_threads()), np.int8))
+    return True
+
+
+def configure() -> None:
+    """Shared threads, then denormal flushing (idempotent)."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    _share_torch_threads()
+    flush_denormals()
