@@ -316,7 +316,8 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
         improved = active & (objective < best_obj)
         best_obj = torch.where(improved, objective, best_obj)
-        _copy_trials(best, heads, improved)
+        changed = improved.nonzero().squeeze(1)
+        _copy_trials(best, heads, changed, changed)
         best.epochs_trained[improved.cpu()] = epoch + 1
         stale = torch.where(improved, 0, stale + 1)
         active &= stale < settings.patience

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from heads.exits import TARGET_RULES, exit_decision, exit_distribution, gate_targets
+from heads.engine import StackEngine
 from heads.model import StackedHeads
 
 IM_LOSSES = ("weighted", "uniform")
@@ -92,9 +93,17 @@ class TrainSettings:
 # ---- data --------------------------------------------------------------------------------------------------------
 @dataclass
 class SplitTensors:
+    """One split in memory. When every exit has the same width the features are views of one (L, N, D) tensor
+    (`stacked`), so that a mini-batch of all exits is one gather (batch())."""
     features: list[torch.Tensor]   # per exit (N, D_l) float32, contiguous
     labels: torch.Tensor           # (N,) int64
     logits: torch.Tensor | None    # (N, K) float32: frozen last-exit logits, None when the last head is trained
+    stacked: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if len({tuple(f.shape) for f in self.features}) == 1 and self.features[0].dim() == 2:
+            self.stacked = torch.stack(self.features)
+            self.features = list(self.stacked.unbind(0))
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -103,6 +112,13 @@ class SplitTensors:
         """One mini-batch: idx is a slice or ONE index tensor shared by every exit (and every trial)."""
         return ([f[idx] for f in self.features], self.labels[idx],
                 None if self.logits is None else self.logits[idx])
+
+    def batch(self, idx) -> tuple[list[torch.Tensor] | torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """rows(), with the features as one (L, B, D) tensor when the split is stacked (what StackEngine takes)."""
+        if self.stacked is None:
+            return self.rows(idx)
+        x = self.stacked[:, idx] if isinstance(idx, slice) else self.stacked.index_select(1, idx)
+        return x, self.labels[idx], None if self.logits is None else self.logits[idx]
 
 
 @dataclass
@@ -266,28 +282,6 @@ def exited_metrics(heads: StackedHeads, split: SplitTensors, lam, ic_norm) -> di
     return {k: v / len(split) for k, v in sums.items()}
 
 
-@torch.no_grad()
-def gate_pos_weight(heads: StackedHeads, split: SplitTensors, lam, ic_norm, rule, cap: float) -> torch.Tensor:
-    """(T, L-1) n_neg / n_pos of each gate's surrogate targets on `split` (V1), clipped to [1/cap, cap]."""
-    pos = 0.0
-    for logits, labels, _ in _chunk_outputs(heads, split):
-        pos = pos + gate_targets(exit_costs(exit_cross_entropy(logits, labels), lam, ic_norm), rule).sum(1)
-    neg = len(split) - pos
-    return (neg / pos.clamp_min(0.5)).clamp(1 / cap, cap)
-
-
-@torch.no_grad()
-def im_accuracy(heads: StackedHeads, split: SplitTensors) -> torch.Tensor:
-    """(T, number of trained IMs) accuracy of every trained IM on all samples of `split`."""
-    correct = 0.0
-    n_ims = len(heads.im_weight)
-    for lo in range(0, len(split), EVAL_CHUNK):
-        feats, labels, last = split.rows(slice(lo, lo + EVAL_CHUNK))
-        logits = heads.im_logits(feats, last)[:, :, :n_ims]
-        correct = correct + (logits.argmax(-1) == labels[None, :, None]).sum(1).double()
-    return correct / len(split)
-
-
 # ---- progress ----------------------------------------------------------------------------------------------------
 @dataclass
 class EpochReport:
@@ -369,33 +363,32 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
     seed_init, seed_warm, _ = _seeds(settings.seed)
     device = settings.device
     heads = StackedHeads.init(data.exit_dims, data.num_classes, len(optim), data.trains_last, seed_init, device)
-    params = heads.im_params()
+    engine = StackEngine(heads, torch.tensor([o[0] for o in optim]), torch.tensor([o[1] for o in optim]),
+                         settings.batch_size)
     n_w = len(heads.im_weight)
-    adam = StackedAdam(params, [1] * n_w + [0] * n_w,
-                       torch.tensor([o[0] for o in optim], device=device),
-                       torch.tensor([o[1] for o in optim], device=device))
-    active = torch.ones(len(optim), dtype=torch.bool, device=device)
+    # eq. 17's weights L - l per exit (a trained last head: 1), as CE coefficients per sample
+    n_exits = len(data.exit_dims)
+    exit_weight = torch.arange(n_exits, 0, -1, dtype=torch.float32, device=device) - 1.0
+    exit_weight[-1] = 1.0 if data.trains_last else 0.0
     best_w = [w.clone() for w in heads.im_weight]
     best_b = [b.clone() for b in heads.im_bias]
     best_acc = torch.full((len(optim), n_w), -1.0, dtype=torch.float64, device=device)
     snapshots = [([w.clone() for w in best_w], [b.clone() for b in best_b])]
     history = []
     gen = torch.Generator().manual_seed(seed_warm)
-    for p in params:
-        p.requires_grad_(True)
     for epoch in range(epochs):
         for idx in _batches(len(data.train), settings.batch_size, gen, device):
-            feats, labels, last = data.train.rows(idx)
-            grads = torch.autograd.grad(warmup_loss(heads, feats, labels, last), params)
-            adam.step(grads, active)
-        acc = im_accuracy(heads, data.v2)
+            feats, labels, last = data.train.batch(idx)
+            out = engine.forward(feats, last, labels, gates=False)
+            coef = (exit_weight / labels.shape[0]).expand(len(optim), labels.shape[0], -1)
+            engine.im_step(out, feats, labels, coef)
+        acc = engine.im_accuracy(data.v2)
         history.append(acc)
         better = acc > best_acc                                                   # (n_optim, n_ims)
         best_acc = torch.where(better, acc, best_acc)
-        with torch.no_grad():
-            for i in range(n_w):
-                best_w[i] = torch.where(better[:, i][None, :, None], heads.im_weight[i], best_w[i])
-                best_b[i] = torch.where(better[:, i][:, None], heads.im_bias[i], best_b[i])
+        for i in range(n_w):
+            best_w[i] = torch.where(better[:, i][None, :, None], heads.im_weight[i], best_w[i])
+            best_b[i] = torch.where(better[:, i][:, None], heads.im_bias[i], best_b[i])
         snapshots.append(([w.clone() for w in best_w], [b.clone() for b in best_b]))
         if progress is not None:
             progress(EpochReport("warmup", epoch + 1, epochs, best_acc.max(0).values.tolist()))
@@ -406,7 +399,8 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
 # ---- bi-level phase ----------------------------------------------------------------------------------------------
 def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: TrainSettings,
                 progress: Progress | None = None) -> StackedHeads:
-    """Algorithm 1 after the warm-up, for every trial at once; returns each trial's best state on V2."""
+    """Algorithm 1 after the warm-up, for every trial at once; returns each trial's best state on V2. Trials that
+    stop (early stopping, or the end of their epoch budget) leave the stack, so the later epochs cost less."""
     resolved = _resolve_trials(trials, settings)
     if warm.trains_last != data.trains_last:
         raise ValueError("the warm-up state and the data disagree on whether the last head is trained")
@@ -416,20 +410,15 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
     starts = [warm.initial_ims(t["lr"], t["weight_decay"], t["warmup_epochs"]) for t in resolved]
     heads.im_weight = [torch.cat([s[0][i] for s in starts], dim=1).to(device) for i in range(len(heads.im_weight))]
     heads.im_bias = [torch.cat([s[1][i] for s in starts], dim=0).to(device) for i in range(len(heads.im_bias))]
+    best = heads.select(list(range(n_trials)))
 
     lam = torch.tensor([t["lam"] for t in resolved], device=device)
-    lr = torch.tensor([t["lr"] for t in resolved], device=device)
-    wd = torch.tensor([t["weight_decay"] for t in resolved], device=device)
     budget = torch.tensor([settings.max_epochs - t["warmup_epochs"] for t in resolved], device=device)
     ic_norm = data.ic_norm.to(device)
-    im_params, gate_params = heads.im_params(), heads.gate_params()
-    for p in im_params + gate_params:
-        p.requires_grad_(True)
-    n_w = len(heads.im_weight)
-    adam_im = StackedAdam(im_params, [1] * n_w + [0] * n_w, lr, wd)
-    adam_gate = StackedAdam(gate_params, [0, 0], lr, wd)
+    engine = StackEngine(heads, torch.tensor([t["lr"] for t in resolved]),
+                         torch.tensor([t["weight_decay"] for t in resolved]), settings.batch_size)
+    stack = torch.arange(n_trials, device=device)     # the trial (index into `resolved`) of each stack position
 
-    best = heads.select(list(range(n_trials)))
     best_obj = torch.full((n_trials,), math.inf, dtype=torch.float64, device=device)
     best_acc = torch.zeros(n_trials, dtype=torch.float64, device=device)
     best_cost = torch.zeros(n_trials, dtype=torch.float64, device=device)
@@ -442,25 +431,33 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
         active &= epoch < budget
         if not bool(active.any()):
             break
-        pos_weight = gate_pos_weight(heads, data.v1, lam, ic_norm, settings.targets, settings.gate_weight_cap)
+        running = active[stack]
+        if not bool(running.all()):
+            engine.keep(running.nonzero().squeeze(1))
+            stack = stack[running]
+        lam_s = lam[stack]
+        pos_weight = engine.pos_weight(data.v1, lam_s, ic_norm, settings.targets, settings.gate_weight_cap)
         for idx in _batches(len(data.train), settings.batch_size, gen, device):
-            feats, labels, last = data.train.rows(idx)
+            feats, labels, last = data.train.batch(idx)
+            out = engine.forward(feats, last, labels)
             if gate_state:
-                loss = gate_loss(heads, feats, labels, last, lam, ic_norm, settings.targets, pos_weight)
-                adam_gate.step(torch.autograd.grad(loss, gate_params), active)
+                engine.gate_step(out, lam_s, ic_norm, settings.targets, pos_weight)
+            elif settings.full_gradient:
+                engine.im_step_autograd(lambda h: classifier_loss(h, feats, labels, last, lam_s, ic_norm,
+                                                                  settings.im_loss, True))
             else:
-                loss = classifier_loss(heads, feats, labels, last, lam, ic_norm, settings.im_loss,
-                                       settings.full_gradient)
-                adam_im.step(torch.autograd.grad(loss, im_params), active)
+                engine.im_step(out, feats, labels, engine.classifier_coef(out, settings.im_loss))
             step += 1
             if step % settings.bi_switch == 0:
                 gate_state = not gate_state
-        v2 = exited_metrics(heads, data.v2, lam, ic_norm)
-        improved = active & (v2["objective"] < best_obj)
-        best_obj = torch.where(improved, v2["objective"], best_obj)
-        best_acc = torch.where(improved, v2["accuracy"], best_acc)
-        best_cost = torch.where(improved, v2["cost"], best_cost)
-        _copy_trials(best, heads, improved)
+        v2 = engine.exited_metrics(data.v2, lam_s, ic_norm)
+        improved_s = v2["objective"] < best_obj[stack]
+        improved = torch.zeros_like(active)
+        improved[stack] = improved_s
+        best_obj[stack] = torch.where(improved_s, v2["objective"], best_obj[stack])
+        best_acc[stack] = torch.where(improved_s, v2["accuracy"], best_acc[stack])
+        best_cost[stack] = torch.where(improved_s, v2["cost"], best_cost[stack])
+        _copy_trials(best, engine.heads, stack[improved_s], improved_s.nonzero().squeeze(1))
         best.epochs_trained[improved.cpu()] = epoch + 1
         stale = torch.where(improved, 0, stale + 1)
         active &= stale < settings.patience
@@ -471,8 +468,11 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
 
 
 @torch.no_grad()
-def _copy_trials(dst: StackedHeads, src: StackedHeads, mask: torch.Tensor) -> None:
+def _copy_trials(dst: StackedHeads, src: StackedHeads, dst_trials: torch.Tensor, src_trials: torch.Tensor) -> None:
+    """dst's trials dst_trials[i] <- src's trials src_trials[i] (IMs and gates)."""
+    if dst_trials.numel() == 0:
+        return
     for d, s in zip(dst.im_weight, src.im_weight):
-        d.copy_(torch.where(mask[None, :, None], s, d))
+        d[:, dst_trials] = s[:, src_trials]
     for d, s in zip(dst.im_bias + [dst.gate_weight, dst.gate_bias], src.im_bias + [src.gate_weight, src.gate_bias]):
-        d.copy_(torch.where(mask.view(-1, *[1] * (d.dim() - 1)), s, d))
+        d[dst_trials] = s[src_trials]
