@@ -74,21 +74,31 @@ def write_synthetic_cache(path, sizes: dict, n_exits: int, dim: int, num_classes
 
 
 def bare_matmul_epoch(n_train: int, n_exits: int, dim: int, num_classes: int, n_trials: int, batch: int,
-                      device: str) -> float:
-    """Seconds of one epoch of the stack's essential products: per mini-batch and trained IM, the forward
-    x (B, D) @ W (D, T*K) and the weight gradient x^T (D, B) @ dY (B, T*K)."""
-    x = torch.randn(n_train, dim, device=device)
-    w = torch.randn(dim, n_trials * num_classes, device=device)
-    dy = torch.randn(batch, n_trials * num_classes, device=device)
-    _sync(device)
-    start = time.perf_counter()
-    for lo in range(0, n_train, batch):
-        xb = x[lo:lo + batch]
-        for _ in range(n_exits - 1):          # the last exit is the frozen backbone head
-            xb @ w
-            xb.T @ dy[:xb.shape[0]]
-    _sync(device)
-    return time.perf_counter() - start
+                      device: str) -> tuple[float, float]:
+    """Seconds of one epoch of the stack's essential products, done two ways: (a loop of one matmul per exit,
+    one batched matmul over the exits). Per mini-batch and trained IM: the forward x (B, D) @ W (D, T*K) and the
+    weight gradient x^T (D, B) @ dY (B, T*K) (training computes the latter only in CLASSIFIER batches)."""
+    n_ims = n_exits - 1                       # the last exit is the frozen backbone head
+    x = torch.randn(n_ims, n_train, dim, device=device)
+    w = torch.randn(n_ims, dim, n_trials * num_classes, device=device)
+    dy = torch.randn(n_ims, batch, n_trials * num_classes, device=device)
+    times = []
+    for batched in (False, True):
+        _sync(device)
+        start = time.perf_counter()
+        for lo in range(0, n_train, batch):
+            xb = x[:, lo:lo + batch]
+            rows = xb.shape[1]
+            if batched:
+                torch.bmm(xb, w)
+                torch.bmm(xb.transpose(1, 2), dy[:, :rows])
+            else:
+                for l in range(n_ims):
+                    xb[l] @ w[l]
+                    xb[l].T @ dy[l, :rows]
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times[0], times[1]
 
 
 def _sync(device: str):
@@ -148,16 +158,25 @@ def main(argv=None):
         if gpu:
             print(f"GPU time (CUDA events around the sweep): {gpu.elapsed_time(gpu_end) / 1000:.1f} s")
 
+        # bare work of the epochs the stack ran: trials leave the stack when they stop, so an epoch with T' of the
+        # T trials still training is charged T'/T of a full-stack epoch (narrower products run at most as fast per
+        # multiply-add, so this is a lower bound of the bare time, i.e. it understates our ratio)
+        stops = [min(e + settings.patience, budget) for e in epochs]
+        trial_epochs = sum(stops)
         epoch_args = (sizes["train"], shape["exits"], shape["dim"], shape["classes"])
-        bare_epoch = bare_matmul_epoch(*epoch_args, len(lambdas), settings.batch_size, args.device)
-        bare = bare_epoch * stack_epochs + settings.warmup_epochs * bare_matmul_epoch(
-            *epoch_args, 1, settings.batch_size, args.device)
+        loop_epoch, bmm_epoch = bare_matmul_epoch(*epoch_args, len(lambdas), settings.batch_size, args.device)
+        bare_epoch = min(loop_epoch, bmm_epoch)
+        warm_loop, warm_bmm = bare_matmul_epoch(*epoch_args, 1, settings.batch_size, args.device)
+        bare = bare_epoch * trial_epochs / len(lambdas) + settings.warmup_epochs * min(warm_loop, warm_bmm)
         train_total = t["train_seconds"]
-        print(f"per bi-level epoch: stack {(train_total - t['warmup_seconds']) / stack_epochs:.2f} s (with the "
-              f"per-epoch V1/V2 passes), bare matmul {bare_epoch:.2f} s")
-        print(f"bare matmul work of the same epochs ({stack_epochs} stacked bi-level + {settings.warmup_epochs} "
-              f"warm-up): {bare:.1f} s; training runs at {bare / train_total:.2f} x the bare-matmul speed "
-              f"(target >= 0.5)")
+        print(f"bare products of one full-stack epoch: {loop_epoch:.2f} s as a loop over exits, {bmm_epoch:.2f} s "
+              f"batched over exits; the faster is the reference")
+        print(f"the stack trained {trial_epochs} trial-epochs ({trial_epochs / len(lambdas):.1f} full-stack epochs) "
+              f"in {train_total - t['warmup_seconds']:.1f} s: {(train_total - t['warmup_seconds']) * len(lambdas) / trial_epochs:.2f} s per "
+              f"full-stack epoch with the per-epoch V1/V2 passes, bare products {bare_epoch:.2f} s")
+        print(f"bare products of the same work ({trial_epochs / len(lambdas):.1f} full-stack bi-level epochs + "
+              f"{settings.warmup_epochs} warm-up): {bare:.1f} s; training took {train_total:.1f} s: "
+              f"{bare / train_total:.2f} x the bare-product speed (target >= 0.5)")
 
         # lambdas one at a time, same code: the warm-up is shared (as a user would reuse it), each lambda its own pass
         with open_cache(cache) as c:
