@@ -156,11 +156,15 @@ def test_full_gradient_goes_through_autograd():
     assert not torch.equal(engine.flat, before)
 
 
-def test_adam_steps_equal_stacked_adam_on_autograd_gradients():
+@pytest.mark.parametrize("per_trial", [True, False], ids=["per-trial-lr-numba", "one-lr-fused"])
+def test_adam_steps_equal_stacked_adam_on_autograd_gradients(per_trial):
     """Three CLASSIFIER and three GATE steps of the engine = StackedAdam on autograd gradients of the losses."""
     heads, feats, labels, last = setup((5, 7, 6, 5), False)
     lam, ic = torch.tensor([0.1, 1.0]), torch.tensor([0.25, 0.5, 0.75, 1.0])
-    lr, wd = torch.tensor([0.01, 0.003]), torch.tensor([5e-4, 0.0])
+    if per_trial:
+        lr, wd = torch.tensor([0.01, 0.003]), torch.tensor([5e-4, 0.0])
+    else:
+        lr, wd = torch.tensor([0.01, 0.01]), torch.tensor([5e-4, 5e-4])
     ref = heads.select([0, 1])
     for p in ref.im_params() + ref.gate_params():
         p.requires_grad_(True)
@@ -181,6 +185,8 @@ def test_adam_steps_equal_stacked_adam_on_autograd_gradients():
         adam_gate.step(grads, active)
     for got, want in zip(engine.heads.im_params() + engine.heads.gate_params(), ref.im_params() + ref.gate_params()):
         torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)
+    if not per_trial and torch.__version__ >= (2, 4):       # CPU fused Adam exists: it must have been used
+        assert engine._fused
 
 
 def test_keep_drops_trials_and_the_rest_continue_unchanged():
