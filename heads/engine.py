@@ -96,6 +96,8 @@ class StackEngine:
         """Point heads' IM tensors at the flat buffer; size the per-batch buffers for the current stack."""
         self.heads.im_weight, self.heads.im_bias = self._views(self.flat)
         self.uniform = len(set(self.heads.exit_dims)) == 1
+        lrs, wds = set(self.lr.tolist()), set(self.weight_decay.tolist())
+        self._shared_hyper = (lrs.pop(), wds.pop()) if len(lrs) == len(wds) == 1 else None   # (lr, wd) of all
         self.grad_weight, self.grad_bias = self._views(self.grad)
         t, k, n_exits = self.n_trials, self.heads.num_classes, self.heads.n_exits
         self.eval_rows = max(self.batch_size, EVAL_FLOATS // (n_exits * t * k))
@@ -245,13 +247,13 @@ class StackEngine:
     def _adam_ims(self) -> None:
         self.im_steps += 1
         b1, b2 = self.betas
-        if self._fused and bool((self.lr == self.lr[0]).all() and (self.weight_decay == self.weight_decay[0]).all()):
+        if self._fused and self._shared_hyper is not None:
             # one lr and weight decay for the whole stack (a plain lambda sweep): torch's fused Adam, measured ~20 %
             # faster than the per-column kernel on 2 CPU cores; the same update (tests/test_engine.py)
             try:
                 step = torch.tensor(float(self.im_steps - 1), device=self.device)    # the op adds 1
                 adam([self.flat], [self.grad], [self.m], [self.v], [], [step], foreach=False, fused=True,
-                     amsgrad=False, beta1=b1, beta2=b2, lr=float(self.lr[0]), weight_decay=float(self.weight_decay[0]),
+                     amsgrad=False, beta1=b1, beta2=b2, lr=self._shared_hyper[0], weight_decay=self._shared_hyper[1],
                      eps=self.eps, maximize=False)
                 return
             except (RuntimeError, TypeError):     # a torch without a fused Adam for this device
