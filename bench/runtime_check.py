@@ -1,7 +1,7 @@
 """Does the early-exit runtime take the same exits and give the same predictions as stage two's simulation from the
 cache, on a real run? (The tiny-model version of this check is tests/test_runtime.py.)
 
-    python bench/runtime_check.py --run runs/demo --lam 0.000231 [--limit 2000]
+    python bench/runtime_check.py --run runs/demo --lam 0.00123 [--limit 2000]
 
 Runs EarlyExitModel on the run's test images (through the extraction's own transform) and compares, per image, the
 exit and the predicted class with what heads.StackedHeads computes from the cached features at the same threshold.
