@@ -129,10 +129,11 @@ class StackEngine:
 
     # ---- forward --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, features: list[torch.Tensor] | torch.Tensor, last_logits: torch.Tensor | None, labels: torch.Tensor,
-                pred: bool = False, gates: bool = True) -> StepOutputs:
+    def forward(self, features: list[torch.Tensor] | torch.Tensor, last_logits: torch.Tensor | None,
+                labels: torch.Tensor, pred: bool = False, gates: bool = True) -> StepOutputs:
         """Logits of every exit for every trial, their softmax, the gate statistics (unless gates=False) and the
-        per-exit cross-entropy; pred=True also each exit's argmax. At most eval_rows rows."""
+        per-exit cross-entropy; pred=True also each exit's argmax. features: per exit (B, D_l), or the exits
+        stacked as one (L, B, D) tensor (SplitTensors.batch). At most eval_rows rows."""
         h = self.heads
         b, t, k, n_exits = labels.shape[0], self.n_trials, h.num_classes, h.n_exits
         if b > self.eval_rows:

@@ -17,13 +17,16 @@ Design decisions (the paper leaves them open):
   (weights all 1) reproduces. full_gradient (eq. 29) keeps the gradient through the gate inputs:
   mean_b sum_l P(G=l|x) (CE_l + lam IC_norm^l), the gate parameters themselves left out of the graph.
 - GATE loss (eq. 16): sum over gates of the batch-mean BCE with pos_weight = n_neg / n_pos of that gate's targets
-  on V1, recomputed at the start of every epoch and clipped to [1/100, 100] (also when a class is absent).
+  on V1, recomputed at the start of every epoch and clipped to [1/cap, cap] (gate_weight_cap; also when a class
+  is absent).
 - The state flips every bi_switch batches, counted over the whole bi-level phase (not reset per epoch); the first
   state is GATE.
 - Early stopping of each trial on the V2 value of its own objective (eq. 5 at the exit actually taken):
   mean(CE at the exit taken + lam IC_norm at that exit), deterministic exits (P(E^l|x) > 0.5). V2 accuracy alone
-  would reward spending more compute than lam asks for. The best state per trial is kept; a trial that stopped is
-  frozen (learning rate 0). A trial with w warm-up epochs gets max_epochs - w bi-level epochs (Algorithm 1).
+  would reward spending more compute than lam asks for. The best state per trial is kept; a trial that stopped
+  leaves the stack. A trial with w warm-up epochs gets max_epochs - w bi-level epochs (Algorithm 1).
+- The losses below are the definitions (and what the tests differentiate with autograd); training steps run
+  through heads.engine.StackEngine, which computes the same gradients in closed form (JEI-DNN-FULL by autograd).
 - Reproducibility: initial weights are drawn once and repeated over the trials; batch orders come from generators
   shared by the stack; so a trial trained in a stack matches the same trial trained alone (up to float rounding).
 """
