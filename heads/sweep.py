@@ -328,10 +328,19 @@ def select_per_lambda(rows: list[dict]) -> set[int]:
     return {trial for _, trial in best.values()}
 
 
-def lambda_range_warnings(rows: list[dict], costs: np.ndarray) -> list[str]:
+def target_cost(ce: np.ndarray, ic_norm: np.ndarray, lam: float) -> float:
+    """Mean normalised cost of the exits the surrogate targets pick at `lam`: per sample (rows of ce, (N, L)
+    per-exit cross-entropies) l* = argmin_l CE_l + lam IC_norm^l (section 4.1)."""
+    return float(ic_norm[np.argmin(ce + lam * ic_norm[None, :], axis=1)].mean())
+
+
+def lambda_range_warnings(rows: list[dict], costs: np.ndarray, ce: np.ndarray | None = None) -> list[str]:
     """Whether the selected models cover the cost axis (on V2): the smallest lambda should be as accurate as the
     best single exit unless it already costs ~ the full network; the largest should come down near the first
-    exit's cost. Each miss gives a warning; the last line suggests a wider range."""
+    exit's cost. Each miss gives a warning; the last line suggests a wider range. ce (N, L): V2 per-exit
+    cross-entropies of the warm-up IMs; with it, a miss at the accurate end that a smaller lambda is unlikely to
+    fix says so instead of suggesting one: when the targets at the smallest lambda already equal those at
+    lambda -> 0, or when the trained model spends much less (> 0.1 of IC^L) than its own targets ask for."""
     chosen = sorted((r for r in rows if r["method"] == "jei" and r["split"] == "v2" and r["selected"]),
                     key=lambda r: r["lam"])
     singles = [r["accuracy"] for r in rows if r["method"] == "single-exit" and r["split"] == "v2"]
@@ -340,15 +349,26 @@ def lambda_range_warnings(rows: list[dict], costs: np.ndarray) -> list[str]:
     low, high, first = chosen[0], chosen[-1], costs[0] / costs[-1]
     lo_lam, hi_lam, found = low["lam"], high["lam"], []
     if low["cost_norm"] < 0.9 and low["accuracy"] < max(singles):
-        found.append(f"the smallest lambda {low['lam']:.3g} already costs only {low['cost_norm']:.2f} of the full "
-                     f"network and is less accurate on V2 ({low['accuracy']:.3f}) than the best single exit "
-                     f"({max(singles):.3f}): the sweep misses the accurate end")
-        lo_lam = low["lam"] / 10
+        miss = (f"the smallest lambda {low['lam']:.3g} already costs only {low['cost_norm']:.2f} of the full "
+                f"network and is less accurate on V2 ({low['accuracy']:.3f}) than the best single exit "
+                f"({max(singles):.3f}): the sweep misses the accurate end")
+        ic_norm = np.asarray(costs, dtype=np.float64) / costs[-1]
+        at_low, at_zero = (None, None) if ce is None else (target_cost(ce, ic_norm, low["lam"]),
+                                                            target_cost(ce, ic_norm, 0.0))
+        if at_low is not None and (at_zero - at_low < 0.02 or low["cost_norm"] < at_low - 0.1):
+            found.append(f"{miss}. A smaller lambda is unlikely to reach it: the surrogate targets (warm-up IMs, V2) "
+                         f"ask for a mean cost of {at_low:.2f} at {low['lam']:.3g} ({at_zero:.2f} at lambda -> 0) "
+                         f"and the trained gates spend {low['cost_norm']:.2f}, short of their own targets (see the "
+                         f"exit decomposition: under eq. 30 IMs that receive no exit mass are not trained; "
+                         f"--im-loss uniform trains every IM)")
+        else:
+            found.append(miss)
+            lo_lam = low["lam"] / 10
     if high["cost_norm"] > first + 0.25 * (1 - first):
         found.append(f"the largest lambda {high['lam']:.3g} still costs {high['cost_norm']:.2f} of the full network "
                      f"(the first exit costs {first:.2f}): the sweep misses the cheap end")
         hi_lam = high["lam"] * 10
-    if found:
+    if (lo_lam, hi_lam) != (low["lam"], high["lam"]):
         found.append(f"suggested range: --lambdas {lo_lam:.3g}:{hi_lam:.3g}")
     return found
 
@@ -417,14 +437,23 @@ class Run:
         for group in groups:
             if group["group"] != REFERENCE_GROUP and thresholds:
                 rows += evaluate_group(session, group, thresholds, only=selected)
-        rows += single_exit_rows(session, next(g for g in groups if g["group"] == REFERENCE_GROUP))
+        reference = next(g for g in groups if g["group"] == REFERENCE_GROUP)
+        rows += single_exit_rows(session, reference)
         for row in rows:
             row.setdefault("selected", False)
-        warnings = lambda_range_warnings(rows, session.costs) if warn else []
+        warnings = lambda_range_warnings(rows, session.costs, _v2_cross_entropy(session, reference)) if warn else []
         self.timings["evaluate_seconds"] = self.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
         settings = self.write_status("complete", warnings=warnings)
         rundir.write_results(self.out, rundir.uniform_rows(rows), settings)
         return RunResult(self.out, rows, settings, warnings)
+
+
+def _v2_cross_entropy(session: Session, group: dict) -> np.ndarray:
+    """(N, L) per-exit cross-entropy on V2 of a one-trial heads group."""
+    logits, _, labels = session.outputs(group["heads"], "v2")
+    z = torch.from_numpy(logits[0]).double()
+    picked = z.gather(-1, torch.from_numpy(labels).long()[:, None, None].expand(-1, z.shape[1], 1)).squeeze(-1)
+    return (torch.logsumexp(z, -1) - picked).numpy()
 
 
 def _evaluate_all(session: Session, run: Run, groups: list[dict]) -> list[dict]:

@@ -217,6 +217,21 @@ def test_lambda_range_warnings():
     found = lambda_range_warnings(narrow + singles, costs)
     assert "accurate end" in found[0] and "cheap end" in found[1]
     assert found[-1] == "suggested range: --lambdas 0.01:10"
+    # per-exit CE of 2 V2 samples: both have their lowest CE at exit 2 (cost 0.6) whatever lambda <= 0.1 is, so a
+    # smaller lambda cannot change the targets: no lower range is suggested
+    settled = np.array([[2.0, 0.1, 0.5], [3.0, 0.2, 0.4]])
+    found = lambda_range_warnings(narrow + singles, costs, settled)
+    assert "unlikely to reach it" in found[0] and "0.60 at 0.1 (0.60 at lambda -> 0)" in found[0]
+    assert found[-1] == "suggested range: --lambdas 0.1:10"
+    # here the last exit is best at lambda -> 0 (cost 1) but not at lambda 0.1 (CE gap 0.03 < 0.1 * 0.4): a
+    # smaller lambda moves the targets, and the model (cost 0.6) follows its targets (0.6)
+    movable = np.array([[2.0, 0.5, 0.47], [3.0, 0.5, 0.47]])
+    found = lambda_range_warnings(narrow + singles, costs, movable)
+    assert "unlikely" not in found[0] and found[-1] == "suggested range: --lambdas 0.01:10"
+    # targets at 0.1 ask for 0.8 (exits 2 and 3), the model spends 0.6: it falls short of its own targets
+    short = np.array([[2.0, 0.5, 0.47], [2.0, 0.9, 0.3]])
+    found = lambda_range_warnings(narrow + singles, costs, short)
+    assert "short of their own targets" in found[0] and found[-1] == "suggested range: --lambdas 0.1:10"
 
 
 def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch):
