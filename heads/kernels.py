@@ -156,6 +156,10 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
         _adam_kernel(p.numpy(), g.numpy(), m.numpy(), v.numpy(), lr_col.numpy(), wd_col.numpy(), f32(b1), f32(b2),
                      f32(eps))
         return
+    adam_update_torch(p, g, m, v, lr_col, wd_col, b1, b2, eps)
+
+
+def adam_update_torch(p, g, m, v, lr_col, wd_col, b1, b2, eps) -> None:
     g = g.addcmul(p, wd_col)
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)

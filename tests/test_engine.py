@@ -5,7 +5,7 @@ import torch
 
 from heads.engine import StackEngine
 from heads.gate_features import gate_features_torch
-from heads.kernels import (adam_update, softmax_stats, softmax_stats_torch, weighted_ce_grad,
+from heads.kernels import (adam_update, adam_update_torch, softmax_stats, softmax_stats_torch, weighted_ce_grad,
                            weighted_ce_grad_torch)
 from heads.model import StackedHeads
 from heads.train import (SplitTensors, StackedAdam, classifier_loss, exited_metrics, gate_loss, warmup_loss)
@@ -239,3 +239,42 @@ def test_forward_checks_its_inputs():
     big = [torch.randn(engine.eval_rows + 1, f.shape[1]) for f in feats]
     with pytest.raises(ValueError, match="at most"):
         engine.forward(big, torch.randn(engine.eval_rows + 1, 5), torch.zeros(engine.eval_rows + 1, dtype=torch.int64))
+
+
+def test_torch_kernels_train_like_the_numba_ones(monkeypatch):
+    """The path a GPU takes (every kernel in torch, per-trial Adam in torch), run on the CPU: same training."""
+    import heads.engine as engine_module
+    import heads.kernels as kernels
+
+    def steps(engine, feats, labels, last):
+        lam, ic = torch.tensor([0.1, 1.0]), torch.tensor([0.25, 0.5, 0.75, 1.0])
+        for _ in range(3):
+            out = engine.forward(feats, last, labels)
+            engine.im_step(out, feats, labels, engine.classifier_coef(out))
+            engine.gate_step(engine.forward(feats, last, labels), lam, ic, "ifmin", torch.ones(2, 3))
+        return engine.heads.state_dict()
+
+    lr, wd = torch.tensor([0.01, 0.003]), torch.tensor([5e-4, 0.0])       # per-trial: the non-fused Adam
+    heads, feats, labels, last = setup()
+    want = steps(StackEngine(heads.select([0, 1]), lr, wd, len(labels)), feats, labels, last)
+    monkeypatch.setattr(engine_module, "softmax_stats", lambda *a: softmax_stats_torch(*a))
+    monkeypatch.setattr(engine_module, "weighted_ce_grad", weighted_ce_grad_torch)
+    monkeypatch.setattr(engine_module, "adam_update", adam_update_torch)
+    monkeypatch.setattr(kernels, "_stats_kernel", None)                   # nothing may reach numba now
+    got = steps(StackEngine(heads.select([0, 1]), lr, wd, len(labels)), feats, labels, last)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_stacked_split_gathers_like_the_per_exit_rows():
+    g = torch.Generator().manual_seed(0)
+    split = SplitTensors([torch.randn(20, 6, generator=g) for _ in range(3)], torch.arange(20) % 4,
+                         torch.randn(20, 4, generator=g))
+    assert split.stacked is not None and split.features[1].data_ptr() == split.stacked[1].data_ptr()
+    idx = torch.tensor([3, 17, 0, 9])
+    for i in (idx, slice(5, 11)):
+        x, labels, last = split.batch(i)
+        rows, labels_r, last_r = split.rows(i)
+        assert torch.equal(x, torch.stack(rows)) and torch.equal(labels, labels_r) and torch.equal(last, last_r)
+    mixed = SplitTensors([torch.randn(5, 6), torch.randn(5, 4)], torch.zeros(5, dtype=torch.int64), None)
+    assert mixed.stacked is None and isinstance(mixed.batch(slice(0, 2))[0], list)
