@@ -45,12 +45,12 @@ import torch
 from torch import nn
 
 from heads.evaluate import ExitOutputs
-from heads.exits import exit_decision, exit_distribution
+from heads.exits import exit_costs, exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.thresholds import DEFAULT_P_GRID, budget_fractions, fit_thresholds, max_softmax, threshold_sweep
 from heads.train import (
     SplitTensors, StackedAdam, TrainData, TrainSettings, WarmState, _batches, _copy_trials, _seeds,
-    exit_costs, exit_cross_entropy, exited_metrics, train_stack, warmup,
+    exit_cross_entropy, exited_metrics, train_stack, warmup,
 )
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")

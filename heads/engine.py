@@ -18,14 +18,13 @@ differentiates through the gate statistics and goes through autograd (im_step_au
 
 Trials that stop are removed with keep(): the products shrink with the stack.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.optim.adam import adam
 
-from heads.exits import exit_decision, exit_distribution, gate_targets
-from heads.kernels import adam_update, softmax_stats, weighted_ce_grad
+from heads.exits import exit_costs, exit_decision, exit_distribution, gate_targets
+from heads.kernels import adam_scales, adam_update, adam_update_torch, softmax_stats, weighted_ce_grad
 from heads.model import N_GATE_FEATURES, StackedHeads
 
 EVAL_FLOATS = 1 << 23          # logits per evaluation chunk (32 MiB of float32; two such buffers)
@@ -34,8 +33,7 @@ EVAL_FLOATS = 1 << 23          # logits per evaluation chunk (32 MiB of float32;
 @dataclass
 class StepOutputs:
     """One forward pass: views into the engine's buffers, valid until the next forward."""
-    z: torch.Tensor            # (L, B, T, K) logits (exit L: the cached backbone logits when not trained)
-    p: torch.Tensor            # (L, B, T, K) softmax; im_step turns it into the logit gradient
+    p: torch.Tensor            # (L, B, T, K) softmax of the logits; im_step turns it into the logit gradient
     feats: torch.Tensor        # (T, B, L-1, 4) gate statistics (heads.gate_features order)
     ce: torch.Tensor           # (T, B, L) cross-entropy of every exit
     pred: torch.Tensor | None  # (T, B, L) int32 argmax of every exit (evaluation only)
@@ -160,7 +158,7 @@ class StackEngine:
         ce = self._ce[:t * b * n_exits].view(t, b, n_exits)
         argmax = self._pred[:t * b * n_exits].view(t, b, n_exits) if pred else None
         softmax_stats(z, p, labels, feats, ce, argmax)
-        return StepOutputs(z, p, feats, ce, argmax, x)
+        return StepOutputs(p, feats, ce, argmax, x)
 
     def gate_pre_activation(self, feats: torch.Tensor) -> torch.Tensor:
         """(T, B, L-1, 4) statistics -> (T, B, L-1) gate pre-activations."""
@@ -173,7 +171,7 @@ class StackEngine:
                       pos_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient (gate_weight, gate_bias) of the GATE loss (eq. 16): per trial, the sum over gates of the batch
         mean BCE against the surrogate targets of the trial's costs, positives weighted by pos_weight (T, L-1)."""
-        targets = gate_targets(out.ce + lam[:, None, None] * ic_norm[None, None, :], rule)     # (T, B, L-1)
+        targets = gate_targets(exit_costs(out.ce, lam, ic_norm), rule)     # (T, B, L-1)
         s = torch.sigmoid(self.gate_pre_activation(out.feats))
         wt = pos_weight[:, None, :] * targets
         dz = (s * (wt + 1 - targets) - wt) / targets.shape[1]
@@ -185,15 +183,11 @@ class StackEngine:
         """GATE state: one Adam step of the gates on gate_gradient."""
         grads = self.gate_gradient(out, lam, ic_norm, rule, pos_weight)
         self.gate_steps += 1
-        b1, b2 = self.betas
-        bc1, bc2 = 1 - b1 ** self.gate_steps, 1 - b2 ** self.gate_steps
-        lr = self.lr * (math.sqrt(bc2) / bc1)
+        lr_scale, eps_scale = adam_scales(self.gate_steps, *self.betas)
         for p, g, m, v in zip((self.heads.gate_weight, self.heads.gate_bias), grads, self.gate_m, self.gate_v):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            g = g.addcmul(p, self.weight_decay.view(shape))
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(m.div(v.sqrt().add_(self.eps * math.sqrt(bc2))).mul_(lr.view(shape)))
+            shape = (-1,) + (1,) * (p.dim() - 1)                                   # trials on the first axis
+            adam_update_torch(p, g, m, v, (self.lr * lr_scale).view(shape), self.weight_decay.view(shape),
+                              *self.betas, self.eps * eps_scale)
 
     @torch.no_grad()
     def classifier_coef(self, out: StepOutputs, im_loss: str = "weighted") -> torch.Tensor:
@@ -259,13 +253,13 @@ class StackEngine:
                 return
             except (RuntimeError, TypeError):     # a torch without a fused Adam for this device
                 self._fused = False
-        bc1, bc2 = 1 - b1 ** self.im_steps, 1 - b2 ** self.im_steps
+        lr_scale, eps_scale = adam_scales(self.im_steps, b1, b2)
         k = self.heads.num_classes
-        lr_col = (self.lr * (math.sqrt(bc2) / bc1))[:, None].expand(-1, k).reshape(-1).contiguous()
+        lr_col = (self.lr * lr_scale)[:, None].expand(-1, k).reshape(-1).contiguous()
         wd_col = self.weight_decay[:, None].expand(-1, k).reshape(-1).contiguous()
         cols = lr_col.numel()
         adam_update(self.flat.view(-1, cols), self.grad.view(-1, cols), self.m.view(-1, cols),
-                    self.v.view(-1, cols), lr_col, wd_col, b1, b2, self.eps * math.sqrt(bc2))
+                    self.v.view(-1, cols), lr_col, wd_col, b1, b2, self.eps * eps_scale)
 
     # ---- whole splits ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,7 +287,7 @@ class StackEngine:
         """(T, L-1) gate class weights from the surrogate targets on `split` (V1)."""
         positives = 0.0
         for out, _ in self._chunks(split, gates=False):
-            positives = positives + gate_targets(out.ce + lam[:, None, None] * ic_norm[None, None, :], rule).sum(1)
+            positives = positives + gate_targets(exit_costs(out.ce, lam, ic_norm), rule).sum(1)
         return pos_weight_from_counts(positives, len(split), cap)
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
     p_g = exit_distribution(g)                 # gates g^1..g^{L-1} in [0, 1] -> P(G = l | x), l = 1..L
     exit_index = exit_decision(p_g)            # 0-based exit each sample takes (first P(E^l | x) > 0.5)
+    costs = exit_costs(ce, lam, ic_norm)       # C^l = CE + lam IC_norm^l per trial, sample and exit
     t = gate_targets(costs, rule="subsequent") # binary targets of gates 1..L-1 from per-exit costs C^l
 
 All three work on any leading batch shape (trials, samples, ...); the exit axis is the last one.
@@ -54,6 +55,12 @@ def exit_decision(p_g: torch.Tensor, threshold: float = 0.5, sample: bool = Fals
     fire[..., -1] = True
     # argmax over a bool tensor returns the first True
     return torch.argmax(fire.to(torch.uint8), dim=-1)
+
+
+def exit_costs(ce: torch.Tensor, lam: torch.Tensor, ic_norm: torch.Tensor) -> torch.Tensor:
+    """(T, B, L) per-exit cross-entropies, (T,) lambdas, (L,) IC^l / IC^L -> C^l = CE + lam IC_norm^l (section
+    4.1), (T, B, L)."""
+    return ce + lam[:, None, None] * ic_norm[None, None, :]
 
 
 def gate_targets(costs: torch.Tensor, rule: str = "subsequent") -> torch.Tensor:

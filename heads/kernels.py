@@ -20,6 +20,8 @@ update with coupled L2 weight decay in one read and one write of each buffer ins
 the columns of the (R, C) buffers are the (trial, class) columns of the stacked weights, so a per-trial learning
 rate and weight decay are per-column arrays.
 """
+import math
+
 import numba
 import numpy as np
 import torch
@@ -160,7 +162,15 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
 
 
 def adam_update_torch(p, g, m, v, lr_col, wd_col, b1, b2, eps) -> None:
+    """adam_update with torch ops; lr_col and wd_col broadcast against p (per column, or per trial on any axis)."""
     g = g.addcmul(p, wd_col)
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     p.sub_(m.div(v.sqrt().add_(eps)).mul_(lr_col))
+
+
+def adam_scales(step: int, b1: float, b2: float) -> tuple[float, float]:
+    """(lr factor, eps factor) that fold Adam's bias corrections at `step` (1-based) into adam_update's lr and eps:
+    lr0 sqrt(1-b2^t) / (1-b1^t) and eps0 sqrt(1-b2^t) give torch.optim.Adam's m_hat / (sqrt(v_hat) + eps0)."""
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    return math.sqrt(bc2) / bc1, math.sqrt(bc2)

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from heads.exits import TARGET_RULES, exit_decision, exit_distribution, gate_targets
+from heads.exits import TARGET_RULES, exit_costs, exit_distribution, gate_targets
 from heads.engine import StackEngine
+from heads.kernels import adam_scales, adam_update_torch
 from heads.model import StackedHeads
 
 IM_LOSSES = ("weighted", "uniform")
-EVAL_CHUNK = 512
 TRIAL_KEYS = ("lam", "lr", "weight_decay", "warmup_epochs")
 
 
@@ -190,11 +190,6 @@ def exit_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return torch.logsumexp(logits, dim=-1) - picked
 
 
-def exit_costs(ce: torch.Tensor, lam: torch.Tensor, ic_norm: torch.Tensor) -> torch.Tensor:
-    """C^l = CE(y, p^l) + lam IC_norm^l (section 4.1), (T, B, L)."""
-    return ce + lam[:, None, None] * ic_norm[None, None, :]
-
-
 def warmup_loss(heads: StackedHeads, feats, labels, last_logits) -> torch.Tensor:
     """Eq. 17: sum over trained IMs of (L - l) CE_l, batch mean, summed over trials (a trained last head: weight 1)."""
     ce = exit_cross_entropy(heads.im_logits(feats, last_logits), labels)
@@ -248,41 +243,20 @@ class StackedAdam:
     @torch.no_grad()
     def step(self, grads, active: torch.Tensor):
         self.steps += 1
-        b1, b2 = self.betas
-        bc1, bc2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
-        # torch's m_hat / (sqrt(v_hat) + eps), rearranged to save passes over the (large) stacked tensors
-        lr = self.lr * active.to(self.lr.dtype) * (math.sqrt(bc2) / bc1)
-        eps = self.eps * math.sqrt(bc2)
+        lr_scale, eps_scale = adam_scales(self.steps, *self.betas)
+        lr = self.lr * active.to(self.lr.dtype) * lr_scale
         for p, g, m, v, shape in zip(self.params, grads, self.m, self.v, self.shape):
-            g = g.addcmul_(p, self.weight_decay.view(shape))   # g is a fresh autograd result: update in place
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(m.div(v.sqrt().add_(eps)).mul_(lr.view(shape)))
+            adam_update_torch(p, g, m, v, lr.view(shape), self.weight_decay.view(shape), *self.betas,
+                              self.eps * eps_scale)
 
 
 # ---- evaluation during training ----------------------------------------------------------------------------------
 @torch.no_grad()
-def _chunk_outputs(heads: StackedHeads, split: SplitTensors):
-    for lo in range(0, len(split), EVAL_CHUNK):
-        feats, labels, last = split.rows(slice(lo, lo + EVAL_CHUNK))
-        logits = heads.im_logits(feats, last)
-        yield logits, labels, torch.sigmoid(heads.gate_logits(logits))
-
-
-@torch.no_grad()
 def exited_metrics(heads: StackedHeads, split: SplitTensors, lam, ic_norm) -> dict[str, torch.Tensor]:
-    """Per trial (T,): accuracy, cost (mean IC_norm) and objective (mean CE + lam IC_norm) at the exit taken."""
-    sums = {"accuracy": 0.0, "cost": 0.0, "objective": 0.0}
-    for logits, labels, g in _chunk_outputs(heads, split):
-        taken = exit_decision(exit_distribution(g))[..., None]                      # (T, B, 1)
-        at_exit = logits.gather(2, taken[..., None].expand(-1, -1, 1, logits.shape[-1])).squeeze(2)   # (T, B, K)
-        ce = torch.logsumexp(at_exit, -1) - at_exit.gather(-1, labels[None, :, None].expand(
-            at_exit.shape[0], -1, 1)).squeeze(-1)
-        cost = ic_norm[taken.squeeze(-1)]
-        sums["accuracy"] = sums["accuracy"] + (at_exit.argmax(-1) == labels).sum(1).double()
-        sums["cost"] = sums["cost"] + cost.sum(1).double()
-        sums["objective"] = sums["objective"] + (ce + lam[:, None] * cost).sum(1).double()
-    return {k: v / len(split) for k, v in sums.items()}
+    """StackEngine.exited_metrics for heads trained outside an engine (baselines), on a copy of them."""
+    zeros = torch.zeros(heads.n_trials)
+    engine = StackEngine(heads.select(list(range(heads.n_trials))), zeros, zeros, batch_size=1)
+    return engine.exited_metrics(split, lam, ic_norm)
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------

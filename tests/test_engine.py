@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from heads.engine import StackEngine
+from heads.exits import exit_decision, exit_distribution
 from heads.gate_features import gate_features_torch
 from heads.kernels import (adam_update, adam_update_torch, softmax_stats, softmax_stats_torch, weighted_ce_grad,
                            weighted_ce_grad_torch)
@@ -223,9 +224,17 @@ def test_engine_split_metrics_equal_the_reference():
     lam, ic = torch.tensor([0.1, 1.0]), torch.tensor([0.25, 0.5, 0.75, 1.0])
     engine = StackEngine(heads.select([0, 1]), torch.full((2,), 0.01), torch.zeros(2), batch_size=64)
     engine.eval_rows = 64                          # several chunks, the last one short
-    got, want = engine.exited_metrics(split, lam, ic), exited_metrics(heads, split, lam, ic)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], msg=name)
+    # the reference: heads' own outputs, the exit rule, and the CE / cost at the exit taken
+    logits, g = heads.outputs(split.features, split.logits)
+    taken = exit_decision(exit_distribution(g))                                      # (T, N)
+    at_exit = logits.gather(2, taken[..., None, None].expand(-1, -1, 1, k)).squeeze(2)
+    ce = torch.logsumexp(at_exit, -1) - at_exit.gather(-1, split.labels[None, :, None].expand(2, -1, 1)).squeeze(-1)
+    cost = ic[taken]
+    want = {"accuracy": (at_exit.argmax(-1) == split.labels).double().mean(1), "cost": cost.double().mean(1),
+            "objective": (ce + lam[:, None] * cost).double().mean(1)}
+    for got in (engine.exited_metrics(split, lam, ic), exited_metrics(heads, split, lam, ic)):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], msg=name)
     logits = heads.outputs(split.features, split.logits)[0][:, :, :3]
     accuracy = (logits.argmax(-1) == split.labels[None, :, None]).double().mean(1)
     torch.testing.assert_close(engine.im_accuracy(split), accuracy)
