@@ -326,6 +326,46 @@ def _check_name(name: str) -> None:
                          f"(T2T-ViT, ViT/DeiT, EfficientNet, ResNet)")
 
 
+def _packaged_weights(name: str, weights) -> "PackagedWeights | None":
+    """Check the backbone name and the weights argument; the packaged weights entry if weights names one."""
+    _check_name(name)
+    packaged = PACKAGED_WEIGHTS.get(str(weights)) if weights is not None else None
+    if packaged is not None and packaged.architecture != name:
+        raise ValueError(f"weights {weights!r} are for {packaged.architecture}, not {name}")
+    if weights is not None and packaged is None and not Path(weights).is_file():
+        raise ValueError(f"weights file not found: {weights}")
+    return packaged
+
+
+def _create(name: str, num_classes: int, img_size: int | None, kw: dict) -> nn.Module:
+    create_kw = dict(kw, num_classes=num_classes)
+    if img_size is not None and timm.models.is_model_in_modules(name, _TOKEN_MODULES):
+        create_kw["img_size"] = img_size
+    return timm.create_model(name, pretrained=False, **create_kw)
+
+
+def _data_config(model: nn.Module, img_size: int | None, packaged) -> dict:
+    """mean, std, input_size, interpolation, crop_pct: the architecture's timm config at img_size (default: its
+    own), with a packaged checkpoint's normalisation."""
+    config = {k: v for k, v in resolve_data_config({}, model=model).items()
+              if k in ("mean", "std", "input_size", "interpolation", "crop_pct")}
+    img_size = img_size or config["input_size"][-1]
+    config["input_size"] = (3, img_size, img_size)
+    if packaged is not None:
+        config.update(mean=packaged.mean, std=packaged.std)
+    return config
+
+
+def backbone_data_config(name: str, weights: str | Path | None = None, img_size: int | None = None, **kw) -> dict:
+    """The data_config that load_backbone(name, weights, img_size=img_size, **kw) gives its backbone, without
+    building its weights (the model is created on the meta device) or reading a checkpoint: what the images need
+    before the class count, and so the head, is known."""
+    packaged = _packaged_weights(name, weights)
+    with torch.device("meta"):
+        model = _create(name, 1000, img_size, kw)
+    return _data_config(model, img_size, packaged)
+
+
 def load_backbone(name: str, weights: str | Path | None = None, num_classes: int = 1000, img_size: int | None = None,
                   tokens: str = "cls", **kw) -> ExitBackbone:
     """Build the timm model `name`, load `weights`, freeze it and cut it into exits.
@@ -337,32 +377,18 @@ def load_backbone(name: str, weights: str | Path | None = None, num_classes: int
     """
     if tokens not in TOKEN_MODES:
         raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
-    _check_name(name)
-    packaged = PACKAGED_WEIGHTS.get(str(weights)) if weights is not None else None
-    if packaged is not None and packaged.architecture != name:
-        raise ValueError(f"weights {weights!r} are for {packaged.architecture}, not {name}")
-    if weights is not None and packaged is None and not Path(weights).is_file():
-        raise ValueError(f"weights file not found: {weights}")
-
-    create_kw = dict(kw, num_classes=num_classes)
-    if img_size is not None and timm.models.is_model_in_modules(name, _TOKEN_MODULES):
-        create_kw["img_size"] = img_size
-    model = timm.create_model(name, pretrained=False, **create_kw)
-    data_config = {k: v for k, v in resolve_data_config({}, model=model).items()
-                   if k in ("mean", "std", "input_size", "interpolation", "crop_pct")}
-    img_size = img_size or data_config["input_size"][-1]
-    data_config["input_size"] = (3, img_size, img_size)
+    packaged = _packaged_weights(name, weights)
+    model = _create(name, num_classes, img_size, kw)
+    data_config = _data_config(model, img_size, packaged)
+    img_size = data_config["input_size"][-1]
 
     weights_info, head_is_task_head = {}, False
     if weights is not None:
         path = _packaged_path(packaged) if packaged else Path(weights)
         head_is_task_head = not _load_weights(model, path)
+        source = "file"
         if packaged:
-            version = importlib.metadata.version(packaged.package)
-            source = f"{packaged.package} {version}: {packaged.description}"
-            data_config.update(mean=packaged.mean, std=packaged.std)
-        else:
-            source = "file"
+            source = f"{packaged.package} {importlib.metadata.version(packaged.package)}: {packaged.description}"
         weights_info = {"path": str(path.resolve()), "sha256": _sha256(path), "source": source}
 
     backbone = _cut(name, model, img_size, tokens)

@@ -109,6 +109,16 @@ class DataSettings:
     download: bool = False          # let torchvision fetch a missing dataset into data_dir
     crop_pct: float = 1.0           # imagefolder only: centre crop of the resized photo (timm's crop_pct)
 
+    @classmethod
+    def for_backbone(cls, name: str, data_config: dict, normalize: str, **kw) -> "DataSettings":
+        """The settings a backbone's data_config implies for dataset `name`: its input size and interpolation, its
+        mean/std (normalize="backbone") or the dataset's own (DATASET_STATS), and, for imagefolder photos only, its
+        centre crop. kw: the other fields."""
+        mean, std = (data_config["mean"], data_config["std"]) if normalize == "backbone" else DATASET_STATS[name]
+        return cls(name=name, img_size=data_config["input_size"][-1], mean=mean, std=std,
+                   interpolation=data_config.get("interpolation") or "bicubic",
+                   crop_pct=(data_config.get("crop_pct") or 1.0) if name == "imagefolder" else 1.0, **kw)
+
     def __post_init__(self):
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))

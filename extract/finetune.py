@@ -42,12 +42,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import resolve_data_config
 from torchvision.transforms import v2 as tv  # after extract/_torchvision.py (package init)
 from tqdm import tqdm
 
-from .backbones import load_backbone
-from .datasets import DATASET_STATS, DATASETS, NO_FLIP, DataSettings, load_splits
+from .backbones import backbone_data_config, load_backbone
+from .datasets import DATASETS, NO_FLIP, DataSettings, load_splits
 from .run import NORMALIZE, _device
 
 FORMAT = "jei-dnn-finetune/1"
@@ -210,20 +209,14 @@ def _differences(old: dict, new: dict) -> list[str]:
 def prepare(s: FinetuneSettings):
     """Model (unfrozen, in train mode), splits and the resolved settings that identify the run."""
     create_kw = {"drop_path_rate": s.drop_path}
+    # The architecture's timm config, not a packaged file's (no weights here): that is what `extract --weights
+    # CKPT` reads for a checkpoint file, and fine-tuning must see the normalisation extraction will use.
+    cfg = backbone_data_config(s.backbone, img_size=s.img_size, **create_kw)
+    splits = load_splits(DataSettings.for_backbone(s.dataset, cfg, s.normalize, data_dir=s.data_dir,
+                                                   split_seed=s.split_seed, limit=s.limit, download=s.download))
     torch.manual_seed(s.seed)   # the new head's (and a random backbone's) initialisation
-    backbone = load_backbone(s.backbone, s.weights, num_classes=1000, img_size=s.img_size, **create_kw)
-    # The architecture's timm config, not a packaged file's: that is what `extract --weights CKPT` reads
-    # for a checkpoint file, and fine-tuning must see the normalisation extraction will use.
-    cfg = resolve_data_config({}, model=backbone.model)
-    mean, std = (cfg["mean"], cfg["std"]) if s.normalize == "backbone" else DATASET_STATS[s.dataset]
-    splits = load_splits(DataSettings(
-        name=s.dataset, data_dir=s.data_dir, img_size=backbone.img_size, mean=mean, std=std,
-        interpolation=cfg.get("interpolation") or "bicubic", split_seed=s.split_seed, limit=s.limit,
-        download=s.download, crop_pct=(cfg.get("crop_pct") or 1.0) if s.dataset == "imagefolder" else 1.0))
-    if splits.num_classes != backbone.num_classes:
-        torch.manual_seed(s.seed)
-        backbone = load_backbone(s.backbone, s.weights, num_classes=splits.num_classes, img_size=s.img_size,
-                                 **create_kw)
+    backbone = load_backbone(s.backbone, s.weights, num_classes=splits.num_classes, img_size=s.img_size,
+                             **create_kw)
     if len(splits.train) < s.batch_size:
         raise ValueError(f"the train split has {len(splits.train)} images, fewer than one batch of {s.batch_size}")
     model = backbone.model.train()

