@@ -92,7 +92,7 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _weights_identity(backbone) -> dict:
+def weights_identity(backbone) -> dict:
     """The weights record of the manifest; random-init weights are identified by a hash of their values."""
     if backbone.weights_info:
         return dict(backbone.weights_info)
@@ -104,7 +104,9 @@ def _weights_identity(backbone) -> dict:
             "source": f"random init (torch.manual_seed({RANDOM_INIT_SEED}))"}
 
 
-def _load(s: ExtractSettings, num_classes: int):
+def load_for_extraction(s: ExtractSettings, num_classes: int):
+    """The backbone an extraction with settings s reads (random-init weights from RANDOM_INIT_SEED, which seeds
+    torch's global generator)."""
     torch.manual_seed(RANDOM_INIT_SEED)
     return load_backbone(s.backbone, s.weights, num_classes=num_classes, img_size=s.img_size, tokens=s.tokens)
 
@@ -119,7 +121,7 @@ def prepare(s: ExtractSettings):
     num_classes = s.num_classes or splits.num_classes
     if num_classes < splits.num_classes:
         raise ValueError(f"--num-classes {num_classes} is below the {splits.num_classes} classes of {s.dataset}")
-    backbone = _load(s, num_classes)   # the class count decides the head (kept, or dropped and retrained)
+    backbone = load_for_extraction(s, num_classes)   # the class count decides the head (kept, or dropped)
 
     precision = "float32"
     if device.type == "cuda":
@@ -133,7 +135,7 @@ def prepare(s: ExtractSettings):
             reps, _ = backbone(torch.zeros(1, 3, backbone.img_size, backbone.img_size))
         tokens_per_row = int(reps[0].shape[1])
     manifest = {
-        "backbone": s.backbone, "weights": _weights_identity(backbone), "num_classes": num_classes,
+        "backbone": s.backbone, "weights": weights_identity(backbone), "num_classes": num_classes,
         "img_size": backbone.img_size, "tokens": s.tokens, "head_is_task_head": backbone.head_is_task_head,
         "precision": precision, "exits": exits, "dataset": splits.describe(), "class_names": splits.class_names,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},

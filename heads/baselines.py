@@ -49,13 +49,12 @@ from heads.exits import exit_costs, exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.thresholds import DEFAULT_P_GRID, budget_fractions, fit_thresholds, max_softmax, threshold_sweep
 from heads.train import (
-    SplitTensors, StackedAdam, TrainData, TrainSettings, WarmState, _batches, _copy_trials, _seeds,
+    SplitTensors, StackedAdam, TrainData, TrainSettings, WarmState, shuffled_batches, copy_trials, seed_streams,
     exit_cross_entropy, exited_metrics, train_stack, warmup,
 )
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")
 LAMBDA_METHODS = ("fixed-ims", "diffbranch")
-EVAL_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class MethodPoint(NamedTuple):
 # ---- IM-only models ----------------------------------------------------------------------------------------------
 def _single_model(data: TrainData, settings: TrainSettings) -> StackedHeads:
     """One IM stack (trial axis of 1) with the same initial weights as JEI-DNN; the gates are never used."""
-    return StackedHeads.init(data.exit_dims, data.num_classes, 1, data.trains_last, _seeds(settings.seed)[0],
+    return StackedHeads.init(data.exit_dims, data.num_classes, 1, data.trains_last, seed_streams(settings.seed)[0],
                              settings.device)
 
 
@@ -113,12 +112,8 @@ def _warm_ims(data: TrainData, warm: WarmState, settings: TrainSettings, epochs:
 
 @torch.no_grad()
 def split_logits(heads: StackedHeads, split: SplitTensors) -> torch.Tensor:
-    """(T, N, L, K) IM logits of every trial on a whole split, in chunks."""
-    chunks = []
-    for lo in range(0, len(split), EVAL_CHUNK):
-        feats, _, last = split.rows(slice(lo, lo + EVAL_CHUNK))
-        chunks.append(heads.im_logits(feats, last))
-    return torch.cat(chunks, dim=1)
+    """(T, N, L, K) IM logits of every trial on a whole split (no gates: baselines train IMs only)."""
+    return heads.outputs(split.features, split.logits, gates=False)[0]
 
 
 def _one_trial_adam(params, lr: float, weight_decay: float, device) -> Callable:
@@ -139,10 +134,10 @@ def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score:
     for p in heads.im_params():
         p.requires_grad_(True)
     update = _one_trial_adam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
-    gen = torch.Generator().manual_seed(_seeds(settings.seed)[1])
+    gen = torch.Generator().manual_seed(seed_streams(settings.seed)[1])
     best, best_score, stale = heads.select(0), math.inf, 0
     for epoch in range(settings.max_epochs):
-        for idx in _batches(len(data.train), settings.batch_size, gen, settings.device):
+        for idx in shuffled_batches(len(data.train), settings.batch_size, gen, settings.device):
             step(heads, update, *data.train.rows(idx))
         score = float(v2_score(heads))
         if score < best_score:
@@ -233,7 +228,7 @@ def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) ->
     the WPN while the other half meta-trains the WPN: a look-ahead SGD step of the IMs under the predicted weights
     (kept differentiable in the WPN), then the budget-routed loss of the look-ahead IMs on the held-out half."""
     n_exits = len(data.exit_dims)
-    wpn = WeightPredictionNet(n_exits, bs.l2w_hidden, _seeds(settings.seed)[2]).to(settings.device)
+    wpn = WeightPredictionNet(n_exits, bs.l2w_hidden, seed_streams(settings.seed)[2]).to(settings.device)
     meta_update = _one_trial_adam(list(wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
     fractions = budget_fractions(bs.l2w_p, n_exits).to(settings.device)
     calls = [0]
@@ -291,8 +286,8 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     """All lambdas stacked, IMs from the JEI-DNN warm-up, Adam on IMs and gates jointly for the bi-level epoch
     budget (max_epochs - warmup_epochs); each trial kept at its best V2 objective with JEI-DNN's stopping rule."""
     device, n_trials = settings.device, len(lambdas)
-    heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last, _seeds(settings.seed)[0],
-                              device)
+    heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last,
+                              seed_streams(settings.seed)[0], device)
     weights, biases = warm.initial_ims(settings.lr, settings.weight_decay, settings.warmup_epochs)
     heads.im_weight = [w.expand(-1, n_trials, -1).contiguous().to(device) for w in weights]
     heads.im_bias = [b.expand(n_trials, -1).contiguous().to(device) for b in biases]
@@ -308,16 +303,16 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     best_obj = torch.full((n_trials,), math.inf, dtype=torch.float64, device=device)
     stale = torch.zeros(n_trials, dtype=torch.int64, device=device)
     active = torch.ones(n_trials, dtype=torch.bool, device=device)
-    gen = torch.Generator().manual_seed(_seeds(settings.seed)[2])
+    gen = torch.Generator().manual_seed(seed_streams(settings.seed)[2])
     for epoch in range(settings.max_epochs - settings.warmup_epochs):
-        for idx in _batches(len(data.train), settings.batch_size, gen, device):
+        for idx in shuffled_batches(len(data.train), settings.batch_size, gen, device):
             loss = diffbranch_loss(heads, *data.train.rows(idx), lam, ic_norm)
             adam.step(torch.autograd.grad(loss, params), active)
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
         improved = active & (objective < best_obj)
         best_obj = torch.where(improved, objective, best_obj)
         changed = improved.nonzero().squeeze(1)
-        _copy_trials(best, heads, changed, changed)
+        copy_trials(best, heads, changed, changed)
         best.epochs_trained[improved.cpu()] = epoch + 1
         stale = torch.where(improved, 0, stale + 1)
         active &= stale < settings.patience

@@ -116,17 +116,18 @@ class StackedHeads:
 
     @torch.no_grad()
     def outputs(self, features: list[torch.Tensor], last_logits: torch.Tensor | None = None,
-                chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole split: features per exit (N, D_l) -> (logits (T, N, L, K), g (T, N, L-1))."""
+                chunk: int = 1024, gates: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A whole split: features per exit (N, D_l) -> (logits (T, N, L, K), g (T, N, L-1); None without gates)."""
         n = features[0].shape[0]
         logits_out, g_out = [], []
         for lo in range(0, n, chunk):
             feats = [f[lo:lo + chunk] for f in features]
             last = None if last_logits is None else last_logits[lo:lo + chunk]
             logits = self.im_logits(feats, last)
-            g_out.append(torch.sigmoid(self.gate_logits(logits)))
+            if gates:
+                g_out.append(torch.sigmoid(self.gate_logits(logits)))
             logits_out.append(logits)
-        return torch.cat(logits_out, dim=1), torch.cat(g_out, dim=1)
+        return torch.cat(logits_out, dim=1), torch.cat(g_out, dim=1) if gates else None
 
     # ---- trials and checkpoints ---------------------------------------------------------------------------
     def select(self, trials) -> "StackedHeads":

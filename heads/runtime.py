@@ -259,7 +259,7 @@ def calibrate_on_v2(cache, heads: StackedHeads, settings: RuntimeSettings) -> Ca
 def backbone_from_manifest(manifest: dict):
     """The cache's backbone, built the way extraction built it (extract.run), with its weights hash checked."""
     from extract.backbones import PACKAGED_WEIGHTS
-    from extract.run import ExtractSettings, _load, _weights_identity
+    from extract.run import ExtractSettings, load_for_extraction, weights_identity
 
     weights = manifest["weights"]
     path = weights.get("path")
@@ -271,9 +271,9 @@ def backbone_from_manifest(manifest: dict):
         path = packaged[0]
     s = ExtractSettings(backbone=manifest["backbone"], dataset=manifest["dataset"]["name"], weights=path,
                         img_size=manifest["img_size"], tokens=manifest["tokens"], progress=False)
-    with torch.random.fork_rng(devices=[]):   # _load seeds the global generator for random-init backbones
-        backbone = _load(s, int(manifest["num_classes"]))
-    found = _weights_identity(backbone)["sha256"]
+    with torch.random.fork_rng(devices=[]):   # load_for_extraction seeds the global generator (random init)
+        backbone = load_for_extraction(s, int(manifest["num_classes"]))
+    found = weights_identity(backbone)["sha256"]
     if found != weights["sha256"]:
         raise ValueError(f"the backbone weights' sha256 {found[:12]} differs from the cache's "
                          f"{weights['sha256'][:12]}: not the network the features came from")

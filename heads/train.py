@@ -276,13 +276,13 @@ class EpochReport:
 Progress = Callable[[EpochReport], None]
 
 
-def _seeds(seed: int) -> tuple[int, int, int]:
+def seed_streams(seed: int) -> tuple[int, int, int]:
     """Independent streams for: initial weights, warm-up batch order, bi-level batch order."""
     init, warm, bilevel = np.random.SeedSequence(seed).generate_state(3)
     return int(init), int(warm), int(bilevel)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=generator).to(device).split(batch_size))
 
 
@@ -337,7 +337,7 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
     resolved = _resolve_trials(trials or [{"lam": 0.0}], settings)
     optim = list(dict.fromkeys((t["lr"], t["weight_decay"]) for t in resolved))
     epochs = max(t["warmup_epochs"] for t in resolved)
-    seed_init, seed_warm, _ = _seeds(settings.seed)
+    seed_init, seed_warm, _ = seed_streams(settings.seed)
     device = settings.device
     heads = StackedHeads.init(data.exit_dims, data.num_classes, len(optim), data.trains_last, seed_init, device)
     engine = StackEngine(heads, torch.tensor([o[0] for o in optim]), torch.tensor([o[1] for o in optim]),
@@ -354,7 +354,7 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
     history = []
     gen = torch.Generator().manual_seed(seed_warm)
     for epoch in range(epochs):
-        for idx in _batches(len(data.train), settings.batch_size, gen, device):
+        for idx in shuffled_batches(len(data.train), settings.batch_size, gen, device):
             feats, labels, last = data.train.batch(idx)
             out = engine.forward(feats, last, labels, gates=False)
             coef = (exit_weight / labels.shape[0]).expand(len(optim), labels.shape[0], -1)
@@ -382,7 +382,7 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
     if warm.trains_last != data.trains_last:
         raise ValueError("the warm-up state and the data disagree on whether the last head is trained")
     device, n_trials = settings.device, len(resolved)
-    seed_init, _, seed_bilevel = _seeds(settings.seed)
+    seed_init, _, seed_bilevel = seed_streams(settings.seed)
     heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last, seed_init, device)
     starts = [warm.initial_ims(t["lr"], t["weight_decay"], t["warmup_epochs"]) for t in resolved]
     heads.im_weight = [torch.cat([s[0][i] for s in starts], dim=1).to(device) for i in range(len(heads.im_weight))]
@@ -414,7 +414,7 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
             stack = stack[running]
         lam_s = lam[stack]
         pos_weight = engine.pos_weight(data.v1, lam_s, ic_norm, settings.targets, settings.gate_weight_cap)
-        for idx in _batches(len(data.train), settings.batch_size, gen, device):
+        for idx in shuffled_batches(len(data.train), settings.batch_size, gen, device):
             feats, labels, last = data.train.batch(idx)
             out = engine.forward(feats, last, labels)
             if gate_state:
@@ -434,7 +434,7 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
         best_obj[stack] = torch.where(improved_s, v2["objective"], best_obj[stack])
         best_acc[stack] = torch.where(improved_s, v2["accuracy"], best_acc[stack])
         best_cost[stack] = torch.where(improved_s, v2["cost"], best_cost[stack])
-        _copy_trials(best, engine.heads, stack[improved_s], improved_s.nonzero().squeeze(1))
+        copy_trials(best, engine.heads, stack[improved_s], improved_s.nonzero().squeeze(1))
         best.epochs_trained[improved.cpu()] = epoch + 1
         stale = torch.where(improved, 0, stale + 1)
         active &= stale < settings.patience
@@ -445,7 +445,7 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
 
 
 @torch.no_grad()
-def _copy_trials(dst: StackedHeads, src: StackedHeads, dst_trials: torch.Tensor, src_trials: torch.Tensor) -> None:
+def copy_trials(dst: StackedHeads, src: StackedHeads, dst_trials: torch.Tensor, src_trials: torch.Tensor) -> None:
     """dst's trials dst_trials[i] <- src's trials src_trials[i] (IMs and gates)."""
     if dst_trials.numel() == 0:
         return

@@ -14,7 +14,7 @@ from heads.model import StackedHeads
 from heads.thresholds import (
     DEFAULT_P_GRID, budget_fractions, exit_by_thresholds, fit_thresholds, max_softmax, threshold_sweep,
 )
-from heads.train import SplitTensors, TrainData, TrainSettings, _seeds, exit_cross_entropy, warmup
+from heads.train import SplitTensors, TrainData, TrainSettings, seed_streams, exit_cross_entropy, warmup
 
 DIMS = [5, 6, 6, 7]
 K = 3
@@ -122,7 +122,7 @@ def test_l2w_meta_learns_the_weight_network():
     # no weight decay on the WPN: any change of its weights comes from the meta-gradient through the look-ahead
     bs = BaselineSettings(l2w_meta_lr=1e-2, l2w_meta_weight_decay=0.0, l2w_hidden=8)
     heads, wpn = train_l2w(data, dataclasses.replace(SETTINGS, max_epochs=1, warmup_epochs=0), bs)
-    init = WeightPredictionNet(len(DIMS), 8, seed=_seeds(SETTINGS.seed)[2])
+    init = WeightPredictionNet(len(DIMS), 8, seed=seed_streams(SETTINGS.seed)[2])
     assert all(not torch.equal(a, b) for a, b in zip(wpn.parameters(), init.parameters()))
     assert heads.n_trials == 1 and int(heads.epochs_trained[0]) == 1
 
@@ -139,7 +139,7 @@ def test_fixed_ims_leave_im_weights_bit_identical():
         for got, want in zip(heads.im_bias, biases):
             assert torch.equal(got[t], want[0])
     # ... while the gates did learn
-    init = StackedHeads.init(data.exit_dims, K, 2, data.trains_last, _seeds(SETTINGS.seed)[0])
+    init = StackedHeads.init(data.exit_dims, K, 2, data.trains_last, seed_streams(SETTINGS.seed)[0])
     assert not torch.equal(heads.gate_weight, init.gate_weight)
 
 
@@ -160,7 +160,7 @@ def test_boosted_training_lowers_the_ensemble_loss():
     heads = train_boosted(data, SETTINGS, 0.5)
     assert heads.n_trials == 1 and len(heads.im_weight) == len(DIMS)   # the trained last head joins the ensemble
     assert 1 <= int(heads.epochs_trained[0]) <= SETTINGS.max_epochs
-    init = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, _seeds(SETTINGS.seed)[0])
+    init = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed_streams(SETTINGS.seed)[0])
 
     def v2_loss(h):
         ens = boosted_ensemble(split_logits(h, data.v2), 0.5, len(DIMS))
