@@ -131,10 +131,7 @@ class _TokenExits(ExitBackbone):
 
 class _T2TExits(_TokenExits):
     def stem(self, x):
-        m = self.model
-        x = m.tokens_to_token(x)
-        x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        return m.pos_drop(x + m.pos_embed)
+        return self.model.forward_embed(x)
 
 
 class _ViTExits(_TokenExits):

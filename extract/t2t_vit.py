@@ -226,11 +226,15 @@ class T2TViT(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x):
-        """All tokens after the final norm, (B, 1 + num_patches, embed_dim)."""
+    def forward_embed(self, x):
+        """Tokens entering the first block: T2T tokens, the CLS token in front, the position embedding added."""
         x = self.tokens_to_token(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x):
+        """All tokens after the final norm, (B, 1 + num_patches, embed_dim)."""
+        x = self.forward_embed(x)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

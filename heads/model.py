@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from heads.gate_features import gate_features_numpy, gate_features_torch
+from heads.gate_features import gate_features
 
 N_GATE_FEATURES = 4
 
@@ -102,13 +102,7 @@ class StackedHeads:
     def gate_logits(self, logits: torch.Tensor, detach_gates: bool = False) -> torch.Tensor:
         """(T, B, L, K) IM logits -> (T, B, L-1) gate pre-activations (sigmoid gives g^l). detach_gates keeps the
         gradient through the gate inputs (into the IMs) while leaving the gate parameters out of the graph."""
-        probs = torch.softmax(logits[:, :, :-1, :], dim=-1)
-        if probs.requires_grad or probs.device.type != "cpu":
-            feats = gate_features_torch(probs)                               # (T, B, L-1, 4)
-        else:
-            # no gradient needed (GATE state, detached weights, evaluation): the numba kernel is one pass over K
-            # per row, several times faster on CPU than the torch ops (same statistics, tested to 1e-5)
-            feats = torch.from_numpy(gate_features_numpy(probs.numpy()))
+        feats = gate_features(torch.softmax(logits[:, :, :-1, :], dim=-1))   # (T, B, L-1, 4)
         w, b = self.gate_weight, self.gate_bias
         if detach_gates:
             w, b = w.detach(), b.detach()

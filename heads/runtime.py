@@ -40,7 +40,7 @@ from torch import nn
 from heads import rundir
 from heads.evaluate import Calibration, ExitOutputs, calibrate, predict_with_sets
 from heads.exits import exit_decision, exit_distribution, exit_probabilities
-from heads.gate_features import gate_features_numpy, gate_features_torch
+from heads.gate_features import gate_features
 from heads.metrics import CONFORMAL_METHODS
 from heads.model import StackedHeads
 
@@ -134,11 +134,7 @@ class EarlyExitModel(nn.Module):
 
     def _gate(self, l: int, logits: torch.Tensor) -> torch.Tensor:
         """g^l = sigmoid(w . [4 softmax statistics] + b), as StackedHeads.gate_logits computes it."""
-        probs = torch.softmax(logits, dim=-1)
-        if probs.device.type == "cpu":
-            feats = torch.from_numpy(gate_features_numpy(probs.numpy()))
-        else:
-            feats = gate_features_torch(probs)
+        feats = gate_features(torch.softmax(logits, dim=-1))
         return torch.sigmoid((feats * self.gate_weight[l]).sum(-1) + self.gate_bias[l])
 
     # ---- the early-exit forward pass ----------------------------------------------------------------------------
