@@ -33,7 +33,7 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .checkpoints import adapt_state_dict, read_checkpoint
+from .checkpoints import adapt_state_dict, head_keys, read_checkpoint
 from .t2t_vit import T2TViT  # importing registers the T2T-ViT family with timm
 
 TOKEN_MODES = ("cls", "cls+mean", "all")
@@ -276,37 +276,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _head_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the classifier(s) (timm's pretrained_cfg names them: head, fc, classifier, head_dist)."""
-    heads = model.pretrained_cfg.get("classifier", "head")
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    return {k for k in model.state_dict() if k.rsplit(".", 1)[0] in heads}
-
-
-def _drop_other_head(model: nn.Module, state: dict) -> bool:
-    """Remove the checkpoint's classifier(s) unless they fit this model's class count; True when the model keeps
-    its freshly initialised head (a checkpoint without a head counts as not fitting)."""
-    ours = model.state_dict()
-    keys = _head_keys(model)
-    if all(k in state and state[k].shape == ours[k].shape for k in keys):
-        return False
-    for k in keys:
-        state.pop(k, None)
-    return True
-
-
 def _load_weights(model: nn.Module, path: Path) -> bool:
     """Load a checkpoint strictly (apart from a head dropped for another class count); returns head_dropped."""
     state = read_checkpoint(path)
     if isinstance(model, EfficientNet) and "_conv_stem.weight" in state:
         state = efficientnet_pytorch_to_timm(state, model)
-    state = dict(state)
-    # adapt_state_dict drops only a `head.*` classifier; timm names others (fc, classifier, head_dist), so the
-    # head goes first here and adapt_state_dict is left to fit pos_embed to the model's token grid.
-    head_dropped = _drop_other_head(model, state)
-    state, _ = adapt_state_dict(model, state)
+    state, head_dropped = adapt_state_dict(model, state)   # pos_embed fitted to the grid, another task's head dropped
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = sorted(set(missing) - (_head_keys(model) if head_dropped else set()))
+    missing = sorted(set(missing) - (head_keys(model) if head_dropped else set()))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit {type(model).__name__}: missing keys {missing[:5]}, "
                          f"unexpected keys {sorted(unexpected)[:5]} ({len(missing)} / {len(unexpected)} in all)")

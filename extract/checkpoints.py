@@ -112,12 +112,20 @@ def adapt_state_dict(model: torch.nn.Module, state_dict: dict) -> tuple[dict, bo
     if "pos_embed" in state_dict and target is not None and state_dict["pos_embed"].shape != target.shape:
         state_dict["pos_embed"] = _resize_pos_embed(state_dict["pos_embed"], target.shape, _num_prefix(model))
     ours = model.state_dict()
-    head_keys = [k for k in state_dict if _is_head_key(model, k)]
-    head_dropped = any(k not in ours or ours[k].shape != state_dict[k].shape for k in head_keys)
+    theirs = [k for k in state_dict if _is_head_key(model, k)]
+    # the checkpoint's head fits only if it has exactly the model's head keys, of the model's shapes (a checkpoint
+    # without a head does not fit: the model keeps a fresh one)
+    head_dropped = (any(k not in ours or ours[k].shape != state_dict[k].shape for k in theirs)
+                    or any(k not in state_dict for k in head_keys(model)))
     if head_dropped:
-        for key in head_keys:
+        for key in theirs:
             del state_dict[key]
     return state_dict, head_dropped
+
+
+def head_keys(model) -> set[str]:
+    """The model's own classifier keys in its state dict (see _is_head_key)."""
+    return {k for k in model.state_dict() if _is_head_key(model, k)}
 
 
 def _is_head_key(model, key: str) -> bool:

@@ -147,3 +147,12 @@ def test_adapt_keeps_a_matching_head():
     adapted, head_dropped = adapt_state_dict(T2TViT(**{**TINY, "img_size": 64}), state)
     assert not head_dropped
     assert adapted.keys() == state.keys()
+
+
+def test_adapt_a_headless_checkpoint_leaves_the_model_its_fresh_head():
+    state = {k: v for k, v in read_checkpoint(OFFICIAL).items() if not k.startswith("head.")}
+    model = T2TViT(**{**TINY, "img_size": 64})
+    adapted, head_dropped = adapt_state_dict(model, state)
+    assert head_dropped and adapted.keys() == state.keys()
+    missing, unexpected = model.load_state_dict(adapted, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
