@@ -9,6 +9,8 @@ One store per extraction (backbone + weights + dataset + transform), zarr v3 (de
         features/1 .. L   float16 (N, D_l) -- (N, T, D_l) with tokens="all" -- in chunks of (chunk_rows, ...)
         labels            int64 (N,)
         logits            float16 (N, K), only when the backbone's head is the task's head
+        checksums         uint32 (number of row chunks, arrays): crc32 of each array's rows in that chunk, as
+                          written (columns: features/1 .. L, labels, logits); format version 2 and later
         done              uint8 (number of row chunks,): 1 once every array of that row chunk is on disk
 
 Resumption. zarr writes every chunk file atomically (temp file + rename), a chunk's `done` entry is written only
@@ -19,14 +21,23 @@ store beside the target (`<name>.h5.partial.zarr`, resumable like any zarr cache
 into `<name>.h5.partial-h5`, which is then renamed onto the target: the .h5 file either does not exist or is
 complete.
 
+Integrity (format version 2). Each chunk's checksums are written just before its done flag; `cache verify` and
+every reader recompute them from the bytes read (zlib's crc32 over whole chunks while copying, cheap next to the
+read), so a deleted, truncated or altered chunk is named, never read back as zeros. The fingerprint covers the
+per-exit costs and class names too, and costs must be positive and non-decreasing. A rerun of `extract` on a
+cache with bad chunks marks exactly those not done and re-extracts them. Caches of format version 1 (no
+checksums) are still read, with a one-line warning. One process writes a store at a time (cache/lock.py).
+
 Reading: whole splits are read in large contiguous row blocks (random row reads from zarr/HDF5 are ~100x slower
 than from RAM), into RAM or straight onto a torch device; `iter_blocks` streams splits that do not fit.
 """
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +46,15 @@ import numpy as np
 import torch
 import zarr
 
-FORMAT_VERSION = 1
+from .lock import acquire as acquire_lock
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # version 1: no chunk checksums; costs and class names outside the fingerprint
 FORMATS = ("zarr", "hdf5")
 DEFAULT_CHUNK_ROWS = 64
 DONE_CHUNK = 4096            # entries per `done` chunk file: few files; one writer thread, so read-modify-write is safe
 BLOCK_BYTES = 64 * 2 ** 20   # target size of one contiguous read
+H5_OVERHEAD = (1.05, 2 ** 20)   # HDF5 conversion needs about arrays * 1.05 + 1 MiB (chunk index, metadata)
 REQUIRED_FIELDS = ("backbone", "weights", "num_classes", "img_size", "tokens", "head_is_task_head", "exits",
                    "dataset")
 
@@ -48,11 +63,16 @@ class CacheError(ValueError):
     """A cache that cannot be used as asked: missing, incomplete, mismatched or malformed (one-line message)."""
 
 
+log = logging.getLogger(__name__)
+
+
 # ---------------------------------------------------------------- manifest, identity, fingerprint
 
 def identity(attrs: dict) -> dict:
     """The fields that decide a cache's content (flat, JSON-able). Storage details (format, chunking) and
-    bookkeeping (created, versions, costs, complete) are not part of it."""
+    bookkeeping (created, versions, complete) are not part of it; from format version 2 on, the per-exit costs
+    and class names are (stage two reads them)."""
+    costs = (attrs.get("format_version") or 0) >= 2
     ident = {
         "format_version": attrs.get("format_version"),
         "backbone": attrs.get("backbone"),
@@ -62,8 +82,12 @@ def identity(attrs: dict) -> dict:
         "tokens": attrs.get("tokens"),
         "head_is_task_head": attrs.get("head_is_task_head"),
         "precision": attrs.get("precision"),
-        "exits": [[e.get("name"), e.get("dim")] for e in attrs.get("exits", [])],
+        "exits": [[e.get("name"), e.get("dim")] + ([e.get("cumulative_backbone_macs"),
+                                                     e.get("cumulative_total_macs")] if costs else [])
+                  for e in attrs.get("exits", [])],
     }
+    if costs:
+        ident["class_names"] = attrs.get("class_names")
     for key, value in sorted((attrs.get("dataset") or {}).items()):
         ident[f"dataset.{key}"] = value
     return ident
@@ -111,7 +135,17 @@ def _check_inputs(manifest: dict, layout: dict) -> dict:
     tokens = layout.get("tokens")
     return {"splits": splits, "exit_dims": dims, "num_classes": int(layout["num_classes"]),
             "with_logits": bool(layout["with_logits"]), "chunk_rows": chunk_rows,
-            "tokens": None if tokens is None else int(tokens)}
+            "tokens": None if tokens is None else int(tokens), "checksums": "crc32"}
+
+
+def cost_problems(exits: list) -> list[str]:
+    """Costs stage two divides by and ranks exits with: positive and non-decreasing along the exits."""
+    totals = [e.get("cumulative_total_macs") for e in exits]
+    if not totals or any(not isinstance(t, (int, float)) or not t > 0 for t in totals):
+        return [f"per-exit costs {totals} are not all positive numbers (edited or corrupted manifest)"]
+    if any(b < a for a, b in zip(totals, totals[1:])):
+        return [f"per-exit costs {totals} decrease along the exits (edited or corrupted manifest)"]
+    return []
 
 
 def array_specs(layout: dict, split: str) -> dict:
@@ -123,8 +157,26 @@ def array_specs(layout: dict, split: str) -> dict:
     specs["labels"] = ((n,), (rows,), "int64")
     if layout["with_logits"]:
         specs["logits"] = ((n, k), (rows, k), "float16")
+    if layout.get("checksums"):
+        specs["checksums"] = ((num_chunks(layout, split), len(specs)), (DONE_CHUNK, len(specs)), "uint32")
     specs["done"] = ((num_chunks(layout, split),), (DONE_CHUNK,), "uint8")
     return specs
+
+
+def data_names(layout: dict, split: str) -> list[str]:
+    """The arrays that hold rows, in the order of the checksum columns."""
+    return [name for name in array_specs(layout, split) if name not in ("checksums", "done")]
+
+
+def checksum(rows: np.ndarray) -> int:
+    """crc32 of an array's bytes as stored (C order)."""
+    return zlib.crc32(np.ascontiguousarray(rows).data)
+
+
+def nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a float16 block holding NaN/Inf (exponent bits all set: cheaper than isfinite)."""
+    bits = np.ascontiguousarray(block).view(np.uint16).reshape(len(block), -1)
+    return np.flatnonzero(((bits & 0x7C00) == 0x7C00).any(axis=1))
 
 
 def num_chunks(layout: dict, split: str) -> int:
@@ -155,14 +207,30 @@ class RawStore:
 
     def __init__(self, path: Path, mode: str = "r"):
         self.path = Path(path)
+        self._h5 = self._group = None
+        if self.path.name.endswith(".partial-h5"):
+            raise CacheError(f"{self.path} is the temporary file of an HDF5 conversion that did not finish, not a "
+                             "cache; rerun the extract command that made it (the file is then replaced)")
         if (self.path / "zarr.json").is_file():
-            self.kind, self._h5 = "zarr", None
-            self._group = zarr.open_group(self.path, mode=mode)
-            self.attrs = dict(self._group.attrs)
+            self.kind = "zarr"
+            try:
+                self._group = zarr.open_group(self.path, mode=mode)
+                self.attrs = dict(self._group.attrs)
+            except (ValueError, TypeError, KeyError) as err:   # zarr's errors for a broken zarr.json
+                raise CacheError(f"{self.path / 'zarr.json'} is unreadable ({_first_line(err)}): a truncated "
+                                 "or edited cache; rerun the extract command with --overwrite") from None
         elif self.path.is_file() and h5py.is_hdf5(self.path):
-            self.kind, self._group = "hdf5", None
-            self._h5 = h5py.File(self.path, "r")
-            self.attrs = json.loads(self._h5.attrs.get("manifest", "{}"))
+            self.kind = "hdf5"
+            try:
+                self._h5 = h5py.File(self.path, "r")
+                self.attrs = json.loads(self._h5.attrs.get("manifest", "{}"))
+            except (OSError, ValueError) as err:
+                self.close()
+                raise CacheError(f"{self.path} is unreadable ({_first_line(err)}): a truncated or corrupt HDF5 "
+                                 "file; rerun the extract command with --overwrite") from None
+        elif self.path.is_file() and self.path.suffix == ".h5":
+            raise CacheError(f"{self.path} is not a readable HDF5 file (truncated or corrupt); rerun the extract "
+                             "command with --overwrite")
         elif self.path.exists():
             raise CacheError(f"{self.path} is not a cache (neither a zarr store nor an HDF5 file)")
         else:
@@ -184,6 +252,11 @@ class RawStore:
     def close(self):
         if self._h5 is not None:
             self._h5.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def _remove_cache(path: Path):
@@ -212,7 +285,9 @@ def _create_zarr(path: Path, attrs: dict):
 
 def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", overwrite: bool = False):
     """Opens the cache at `path` for writing: a new one, or the existing one when its identity matches
-    (else a CacheError naming each differing field). overwrite=True replaces whatever cache is there."""
+    (else a CacheError naming each differing field). overwrite=True replaces whatever cache is there.
+    The writer holds the store's lock (cache/lock.py) until finish() or close(). A complete cache whose chunks
+    fail verification is reopened with exactly those chunks pending."""
     if fmt not in FORMATS:
         raise CacheError(f"unknown cache format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -223,7 +298,20 @@ def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", over
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "complete": False}
     attrs["fingerprint"] = fingerprint(attrs)
-    store_path = path if fmt == "zarr" else staging_path(path)
+    problems = cost_problems(attrs["exits"])
+    if problems:
+        raise CacheError(problems[0])
+    lock = acquire_lock(path)
+    try:
+        writer = _open_for_writing(path, path if fmt == "zarr" else staging_path(path), attrs, fmt, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    writer.hold(lock)
+    return writer
+
+
+def _open_for_writing(path: Path, store_path: Path, attrs: dict, fmt: str, overwrite: bool):
     if overwrite:
         _remove_cache(path)
         _remove_cache(store_path)
@@ -232,12 +320,26 @@ def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", over
             continue
         store = RawStore(existing)
         store.close()
+        if store.attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{existing} has cache format version {store.attrs.get('format_version')} (written by "
+                             "an older version of this program, without chunk checksums): it can be read but not "
+                             "resumed or repaired; use --overwrite to rebuild it")
         diff = differences(store.attrs, attrs)
         if diff:
             raise CacheError(f"{existing} was built with other settings ({'; '.join(diff)}); "
                              "use --overwrite to replace it")
         if store.attrs.get("complete"):
-            return CacheWriter(path, store_path, store.attrs, complete=True)
+            from .verify import bad_chunks   # verify builds on this module
+            bad = bad_chunks(existing)
+            if not any(bad.values()):
+                return CacheWriter(path, store_path, store.attrs, complete=True)
+            shown = "; ".join(f"{split} chunks {', '.join(map(str, sorted(c)))}" for split, c in bad.items() if c)
+            log.warning("%s: chunks fail verification (%s); re-extracting them", path, shown)
+            if fmt == "hdf5":
+                _restage_hdf5(path, store_path, store.attrs, bad)
+            else:
+                _mark_not_done(existing, bad)
+            return CacheWriter(path, store_path, {**store.attrs, "complete": False})
         if existing == path and fmt == "hdf5":
             raise CacheError(f"{path} is an incomplete HDF5 cache this program did not write; use --overwrite")
         for stray in existing.rglob("*.partial"):   # zarr's temp files from a write that was killed
@@ -247,6 +349,56 @@ def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", over
     return CacheWriter(path, store_path, attrs)
 
 
+def _mark_not_done(path: Path, bad: dict):
+    """Clears the done flags of bad chunks, then the complete flag: killed in between, the cache is refused by
+    readers (chunks not done) and a rerun finds the same chunks again."""
+    group = zarr.open_group(path, mode="r+")
+    for split, chunks in bad.items():
+        for i in sorted(chunks):
+            group[f"{split}/done"][i] = 0
+    group.attrs["complete"] = False
+
+
+def _restage_hdf5(path: Path, store_path: Path, attrs: dict, bad: dict):
+    """Copies the good chunks of a complete HDF5 cache back into a staging store (bad chunks left not done),
+    then removes the HDF5 file: the staging store resumes like any other. Killed before the removal, the HDF5
+    file is still complete and a rerun starts the copy again."""
+    if store_path.exists():
+        shutil.rmtree(store_path)
+    layout = attrs["layout"]
+    _create_zarr(store_path, {**attrs, "complete": False})
+    src, dst = RawStore(path), RawStore(store_path, mode="r+")
+    try:
+        for split in layout["splits"]:
+            for name in data_names(layout, split):
+                _copy_rows(src.array(f"{split}/{name}"), dst.array(f"{split}/{name}"), layout, skip_errors=True)
+            done = np.ones(num_chunks(layout, split), np.uint8)
+            done[sorted(bad.get(split, ()))] = 0
+            dst.array(f"{split}/checksums")[:] = src.array(f"{split}/checksums")[:]
+            dst.array(f"{split}/done")[:] = done
+    finally:
+        src.close()
+    os.remove(path)
+
+
+def _copy_rows(a, out, layout: dict, skip_errors: bool = False):
+    """Copies array a into out in large row blocks; with skip_errors, blocks that cannot be read are copied
+    chunk by chunk and unreadable chunks are left out (their done flags say so)."""
+    shape, rows = a.shape, layout["chunk_rows"]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+    for start, stop in row_blocks(shape[0], block_rows(layout, row_bytes)):
+        try:
+            out[start:stop] = a[start:stop]
+        except Exception:
+            if not skip_errors:
+                raise
+            for c0, c1 in row_blocks(stop - start, rows):
+                try:
+                    out[start + c0:start + c1] = a[start + c0:start + c1]
+                except Exception:
+                    continue
+
+
 class CacheWriter:
     """Writes row chunks of a cache being built; finish() verifies it and marks it complete."""
 
@@ -254,10 +406,22 @@ class CacheWriter:
         self.path, self.manifest, self.complete = path, attrs, complete
         self.layout, self.fingerprint = attrs["layout"], attrs["fingerprint"]
         self.chunk_rows = self.layout["chunk_rows"]
-        self._store_path = store_path
+        self._store_path, self._lock = store_path, None
         if complete and store_path != path and store_path.exists():
             shutil.rmtree(store_path)   # killed after the HDF5 rename, before the staging store was removed
         self._store = None if complete else RawStore(store_path, mode="r+")
+
+    def hold(self, lock):
+        """Keeps the store's lock until finish() or close(); a complete cache needs none."""
+        self._lock = lock
+        if self.complete:
+            self.close()
+
+    def close(self):
+        """Releases the lock (the store stays resumable)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def num_rows(self, split: str) -> int:
         return self.layout["splits"][split]
@@ -307,7 +471,8 @@ class CacheWriter:
             raise CacheError(f"{where}: labels outside [0, {k})")
         for name, value in arrays.items():
             self._store.array(f"{split}/{name}")[start:stop] = value
-        self._store.array(f"{split}/done")[i] = 1   # after the data: a done chunk is always whole
+        self._store.array(f"{split}/checksums")[i] = [checksum(arrays[n]) for n in data_names(self.layout, split)]
+        self._store.array(f"{split}/done")[i] = 1   # after the data and checksums: a done chunk is always whole
 
     def finish(self) -> Path:
         """Verifies every chunk and value, then writes the `complete` flag last; returns the cache's path."""
@@ -324,22 +489,31 @@ class CacheWriter:
             self._store.close()
             shutil.rmtree(self._store_path)
         self.complete = True
+        self.close()
         return self.path
 
 
 def _convert_to_hdf5(src: RawStore, path: Path):
-    """Copies a finished staging store into an HDF5 file under a temporary name, then renames it onto `path`."""
+    """Copies a finished staging store into an HDF5 file under a temporary name, then renames it onto `path`.
+    The caller holds the store's lock, so a temporary file already there is a dead process's leftover. The
+    free space is checked first: HDF5 does not fail cleanly on a full disk."""
     tmp = path.with_name(path.name + ".partial-h5")
     layout = src.attrs["layout"]
-    with h5py.File(tmp, "w") as f:
-        for split in layout["splits"]:
-            for name, (shape, chunks, dtype) in array_specs(layout, split).items():
-                chunks = None if name == "done" or not shape[0] else (min(chunks[0], shape[0]), *chunks[1:])
-                out = f.create_dataset(f"{split}/{name}", shape=shape, dtype=dtype, chunks=chunks)
-                a = src.array(f"{split}/{name}")
-                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-                for start, stop in row_blocks(shape[0], block_rows(layout, row_bytes)):
-                    out[start:stop] = a[start:stop]
+    specs = [(split, name, spec) for split in layout["splits"] for name, spec in array_specs(layout, split).items()]
+    size = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, _, (shape, _, dtype) in specs)
+    if tmp.exists():
+        tmp.unlink()
+    need, free = int(size * H5_OVERHEAD[0] + H5_OVERHEAD[1]), shutil.disk_usage(path.parent).free
+    if free < need:
+        raise CacheError(f"not enough free space for {path}: it needs about {need / 2 ** 20:.1f} MiB and "
+                         f"{path.parent} has {free / 2 ** 20:.1f} MiB free; free some space and rerun the same "
+                         f"extract command (the extracted features in {staging_path(path)} are kept)")
+    with h5py.File(tmp, "w-") as f:
+        for split, name, (shape, chunks, dtype) in specs:
+            chunks = None if name in ("done", "checksums") or not shape[0] else (min(chunks[0], shape[0]),
+                                                                                 *chunks[1:])
+            out = f.create_dataset(f"{split}/{name}", shape=shape, dtype=dtype, chunks=chunks)
+            _copy_rows(src.array(f"{split}/{name}"), out, layout)
         f.attrs["manifest"] = json.dumps({**src.attrs, "complete": True})   # the flag, after all the data
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -369,15 +543,35 @@ class Cache:
                              "command to resume)")
         self._store = RawStore(self.path)
         self.manifest = self._store.attrs
-        if self.manifest["format_version"] != FORMAT_VERSION:
+        try:
+            self._check_manifest()
+        except CacheError:
             self.close()
-            raise CacheError(f"{self.path} has cache format version {self.manifest['format_version']}; "
-                             f"this program reads version {FORMAT_VERSION}")
-        if not self.manifest.get("complete"):
-            self.close()
-            raise CacheError(f"{self.path} is incomplete (rerun the same extract command to resume it)")
+            raise
         self.layout, self.fingerprint, self.format = self.manifest["layout"], self.manifest["fingerprint"], \
             self._store.kind
+        self._checksums = {}
+
+    def _check_manifest(self):
+        m, where = self.manifest, self.path
+        if m["format_version"] not in READABLE_VERSIONS:
+            raise CacheError(f"{where} has cache format version {m['format_version']}; this program reads "
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}")
+        if not m.get("complete"):
+            raise CacheError(f"{where} is incomplete (rerun the same extract command to resume it)")
+        problems = cost_problems(m.get("exits") or [])
+        if m.get("fingerprint") != fingerprint(m):
+            problems.append("the manifest's fingerprint does not match its fields (edited or corrupted manifest)")
+        for split in m["layout"]["splits"]:
+            done = self._store.array(f"{split}/done")
+            if done is None or not np.asarray(done[:]).all():
+                problems.append(f"{split}: chunks not done although the cache is marked complete")
+        if problems:
+            raise CacheError(f"{where}: {problems[0]}; rerun the extract command that made it (with --overwrite "
+                             "if the manifest is damaged)")
+        if m["format_version"] < 2:
+            log.warning("%s has cache format version %s: no chunk checksums, so damaged chunks are not detected; "
+                        "rebuild it with extract --overwrite", where, m["format_version"])
 
     @property
     def splits(self) -> list[str]:
@@ -410,22 +604,67 @@ class Cache:
             yield start, self._read(split, start, stop, device, dtype)
 
     def _read(self, split, start, stop, device, dtype) -> SplitArrays:
+        """Rows [start, stop) of every array, read in blocks of whole chunks so that each chunk's checksum is
+        verified (a partly asked chunk is read whole); NaN/Inf and labels out of range are refused too."""
         specs = array_specs(self.layout, split)
+        rows, n = self.layout["chunk_rows"], self.layout["splits"][split]
+        lo, hi = start // rows * rows, min(-(-stop // rows) * rows, n)
         out = {}
-        for name, (shape, _, _) in specs.items():
-            if name == "done":
-                continue
-            a = self._store.array(f"{split}/{name}")
-            if name == "labels":
-                out[name] = torch.from_numpy(np.asarray(a[start:stop])).to(device)
-                continue
-            t = torch.empty((stop - start, *shape[1:]), dtype=dtype, device=device)
-            row_bytes = 2 * int(np.prod(shape[1:], dtype=np.int64))
-            for a0, a1 in row_blocks(stop - start, block_rows(self.layout, row_bytes)):
-                t[a0:a1].copy_(torch.from_numpy(np.asarray(a[start + a0:start + a1])))
+        for name in data_names(self.layout, split):
+            shape, _, stored = specs[name]
+            t = torch.empty((stop - start, *shape[1:]), dtype=torch.int64 if name == "labels" else dtype,
+                            device=device)
+            row_bytes = np.dtype(stored).itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            for a0, a1 in row_blocks(hi - lo, block_rows(self.layout, row_bytes)):
+                b0, b1 = lo + a0, lo + a1
+                block = self._checked_block(split, name, b0, b1)
+                c0, c1 = max(b0, start), min(b1, stop)
+                if c0 < c1:
+                    t[c0 - start:c1 - start].copy_(torch.from_numpy(block[c0 - b0:c1 - b0]))
             out[name] = t
         feats = [out[f"features/{l}"] for l in range(1, len(self.exit_dims) + 1)]
         return SplitArrays(features=feats, labels=out["labels"], logits=out.get("logits"))
+
+    def _checked_block(self, split: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one array (whole chunks), after its checks; a CacheError naming the array,
+        rows and chunk otherwise."""
+        rows = self.layout["chunk_rows"]
+        hint = (f"run `python pipeline.py cache verify {self.path}` to list every damaged chunk, and rerun the "
+                "extract command that made the cache to re-extract them")
+
+        def refuse(r0, r1, what):
+            raise CacheError(f"{self.path}: {split}/{name} rows {r0}:{r1} (chunk {r0 // rows}) {what}; {hint}")
+        a = self._store.array(f"{split}/{name}")
+        try:
+            block = np.asarray(a[start:stop])
+        except Exception:   # zarr/h5py raise many kinds for a truncated or corrupt chunk file: find which
+            for r0, r1 in row_blocks(stop - start, rows):
+                try:
+                    a[start + r0:start + r1]
+                except Exception as err:
+                    refuse(start + r0, start + r1, f"cannot be read ({_first_line(err)})")
+            raise
+        crcs = self._split_checksums(split)
+        if crcs is not None:
+            col = data_names(self.layout, split).index(name)
+            for r0, r1 in row_blocks(stop - start, rows):
+                if checksum(block[r0:r1]) != crcs[(start + r0) // rows, col]:
+                    refuse(start + r0, start + r1, "fails its checksum (deleted, truncated or altered on disk)")
+        if name == "labels":
+            bad = np.flatnonzero((block < 0) | (block >= self.num_classes))
+            what = f"has a label outside [0, {self.num_classes})"
+        else:
+            bad, what = nonfinite_rows(block), "has NaN/Inf"
+        if bad.size:
+            row = start + int(bad[0])
+            refuse(row, row + 1, what)
+        return block
+
+    def _split_checksums(self, split: str):
+        if split not in self._checksums:
+            a = self._store.array(f"{split}/checksums")
+            self._checksums[split] = None if a is None else np.asarray(a[:])
+        return self._checksums[split]
 
     def _check_split(self, split):
         if split not in self.layout["splits"]:

@@ -198,7 +198,14 @@ def run_extraction(s: ExtractSettings) -> Path:
     out = Path(s.out) if s.out else default_out(s, manifest)
     writer = create_or_resume(out, manifest, layout, fmt=s.fmt, overwrite=s.overwrite)
     if writer.complete:
-        print(f"{out} is already complete: nothing to do", file=sys.stderr)
+        print(f"{out} is already complete (every chunk verified): nothing to do", file=sys.stderr)
+    try:
+        return _fill(s, writer, backbone, splits, layout, manifest, device, out)
+    finally:
+        writer.close()   # the store's lock (the cache stays resumable)
+
+
+def _fill(s: ExtractSettings, writer, backbone, splits, layout, manifest, device, out: Path) -> Path:
     pending = {split: set(writer.pending_chunks(split)) for split in SPLITS}
     work = {split: _groups(pending[split], s.chunk_rows, max(s.batch_size, s.chunk_rows), writer.num_rows(split))
             for split in SPLITS}

@@ -1,6 +1,7 @@
 """The feature cache with hand-made arrays: round trips (zarr, HDF5), resumption after a crash, identity
 refusal, write-time checks, verification, the reader's blocks, find_default_cache and the `cache` CLI."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,8 +204,9 @@ def test_verify_catches_nan_labels_and_incomplete(tmp_path):
     group["val/labels"][3] = K
     group["train/done"][1] = 0
     problems = verify_cache(path)
-    assert any("train/features/2: 1 NaN/Inf values (first at row 7)" in p for p in problems)
-    assert any("val/logits: 1 NaN/Inf" in p for p in problems)
+    assert any("train/features/2: 1 rows with NaN/Inf (first at row 7)" in p for p in problems)
+    assert any("val/logits: 1 rows with NaN/Inf" in p for p in problems)
+    assert any("val/logits: 1 chunk(s) fail their checksums" in p and "0 (rows 0:4)" in p for p in problems)
     assert any("val/labels: 1 labels outside [0, 3) (first at row 3)" in p for p in problems)
     assert any("train: 1 of 3 chunks not done (1)" in p for p in problems)
     assert not any("incomplete" in p for p in problems)
@@ -268,3 +270,154 @@ def test_cache_cli_info_and_verify(tmp_path):
     zarr.open_group(path, mode="r+")["train/labels"][0] = -1
     res = runner.invoke(cache_group, ["verify", str(path)])
     assert res.exit_code == 1 and "problem: train/labels: 1 labels outside" in res.output
+
+
+# ---------------------------------------------------------------- integrity: checksums, repair, costs, locking
+
+def reference_cache(tmp_path, fmt="zarr"):
+    path = tmp_path / ("ref.zarr" if fmt == "zarr" else "ref.h5")
+    w = create_or_resume(path, manifest(), layout(), fmt=fmt)
+    write(w, make_data())
+    return w.finish()
+
+
+def chunk_file(path, split, name, i):
+    return path / split / Path(name) / "c" / str(i) / "0" if name.startswith("features") or name == "logits" \
+        else path / split / name / "c" / str(i)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "alter"])
+@pytest.mark.parametrize("name", ["features/2", "labels"])
+def test_damaged_zarr_chunk_is_named_refused_and_re_extracted(tmp_path, damage, name):
+    path = reference_cache(tmp_path)
+    f = chunk_file(path, "train", name, 1)
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:5])
+    else:
+        raw = bytearray(f.read_bytes())
+        raw[0] ^= 0x10
+        f.write_bytes(bytes(raw))
+    problems = verify_cache(path)
+    assert problems[0].startswith(f"train/{name}: 1 chunk(s)") and "1 (rows 4:8)" in problems[0]
+    assert all(p.startswith(f"train/{name}: ") for p in problems)   # a flipped bit may also give a bad label
+    assert ("unreadable" if damage == "truncate" else "checksum") in problems[0]
+    with open_cache(path) as cache:
+        cache.load_split("val")   # other splits still load
+        with pytest.raises(CacheError) as err:
+            cache.load_split("train")
+    msg = str(err.value)
+    assert f"train/{name} rows 4:8 (chunk 1)" in msg and str(path) in msg and "\n" not in msg
+    # Rerunning the writer re-extracts exactly that chunk, and the cache equals the uninterrupted one.
+    w = create_or_resume(path, manifest(), layout())
+    assert not w.complete and w.pending_chunks("train") == [1] and w.pending_chunks("val") == []
+    write(w, make_data())
+    w.finish()
+    assert verify_cache(path) == []
+    assert_holds(path, make_data())
+
+
+def test_damaged_hdf5_chunk_is_re_extracted_through_a_staging_store(tmp_path):
+    import h5py
+    path = reference_cache(tmp_path, "hdf5")
+    with h5py.File(path, "r+") as f:   # flips stored values without touching the checksums
+        f["val/features/1"][5 - 1] = f["val/features/1"][5 - 1] + 1
+    problems = verify_cache(path)
+    assert len(problems) == 1 and "val/features/1: 1 chunk(s) fail their checksums (deleted, truncated or altered): 1 (rows 4:5)" in problems[0]
+    with pytest.raises(CacheError, match=r"val/features/1 rows 4:5 \(chunk 1\) fails its checksum"):
+        open_cache(path).load_split("val")
+    w = create_or_resume(path, manifest(), layout(), fmt="hdf5")
+    assert not path.exists() and staging_path(path).exists()
+    assert w.pending_chunks("val") == [1] and w.pending_chunks("train") == []
+    write(w, make_data())
+    w.finish()
+    assert verify_cache(path) == [] and not staging_path(path).exists()
+    assert_holds(path, make_data())
+
+
+def test_costs_and_class_names_are_in_the_fingerprint_and_checked(tmp_path):
+    path = reference_cache(tmp_path)
+    group = zarr.open_group(path, mode="r+")
+    exits = group.attrs["exits"]
+    group.attrs["exits"] = [{**e, "cumulative_total_macs": f["cumulative_total_macs"]}
+                            for e, f in zip(exits, exits[::-1])]
+    problems = verify_cache(path)
+    assert any("fingerprint" in p for p in problems) and any("decrease along the exits" in p for p in problems)
+    with pytest.raises(CacheError, match="decrease along the exits"):
+        open_cache(path)
+    base = {**manifest(), "format_version": 2, "class_names": ["a", "b", "c"]}
+    assert fingerprint({**base, "class_names": ["a", "c", "b"]}) != fingerprint(base)
+    with pytest.raises(CacheError, match="not all positive"):
+        create_or_resume(tmp_path / "neg.zarr", manifest(exits=[{**e, "cumulative_total_macs": -1} for e in exits]),
+                         layout())
+
+
+def test_old_caches_without_checksums_are_read_with_a_warning(tmp_path, caplog):
+    path = reference_cache(tmp_path)
+    group = zarr.open_group(path, mode="r+")
+    for split in SPLITS:
+        del group[f"{split}/checksums"]
+    attrs = dict(group.attrs)
+    attrs["layout"] = {k: v for k, v in attrs["layout"].items() if k != "checksums"}
+    attrs["format_version"] = 1
+    attrs["fingerprint"] = fingerprint(attrs)
+    group.attrs.update(attrs)
+    assert verify_cache(path) == []
+    with caplog.at_level("WARNING"), open_cache(path) as cache:
+        cache.load_split("train")
+    assert "no chunk checksums" in caplog.text and "--overwrite" in caplog.text
+    with pytest.raises(CacheError, match="format version 1.*--overwrite"):
+        create_or_resume(path, manifest(), layout())
+
+
+def test_hdf5_conversion_checks_free_space_first(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    path = tmp_path / "c.h5"
+    w = create_or_resume(path, manifest(), layout(), fmt="hdf5")
+    write(w, make_data())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 100, 100))
+    with pytest.raises(CacheError, match="not enough free space for .*c.h5.*rerun the same extract command"):
+        w.finish()
+    assert not path.exists() and staging_path(path).exists()
+    monkeypatch.undo()
+    w = create_or_resume(path, manifest(), layout(), fmt="hdf5")
+    assert w.finish() == path and verify_cache(path) == []
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cache.lock import acquire
+acquire({path!r})
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_writer_per_cache_and_stale_locks_are_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from cache.lock import LockedError, lock_path
+    root = str(Path(__file__).resolve().parents[1])
+    path = tmp_path / "c.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=root, path=str(path))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError) as err:
+            create_or_resume(path, manifest(), layout())
+        assert f"pid {holder.pid}" in str(err.value) and "\n" not in str(err.value)
+        assert not path.exists()   # nothing created, nothing opened for writing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(path).exists()   # left behind by the killed holder: stale, taken over
+    w = create_or_resume(path, manifest(), layout())
+    assert str(os.getpid()) in lock_path(path).read_text()
+    write(w, make_data())
+    w.finish()
+    assert not lock_path(path).exists()

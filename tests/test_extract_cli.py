@@ -224,3 +224,87 @@ def test_costs_table_and_json():
     assert res.exit_code == 0 and "blocks.5" in res.output and "100.0%" in res.output
     res = run_cli("costs", "--backbone", "no_such_net", "--num-classes", "10")
     assert res.exit_code == 1 and "unknown backbone" in res.output and "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------- fault injection and concurrency
+# Forked children run the extraction (torch and timm are already imported, so a child starts in milliseconds);
+# the parent kills them with SIGKILL at seeded random moments, or competes with them for the same --out.
+
+def forked_extraction(args, slow_writes: float = 0.0):
+    """Starts `extract args` in a forked child; slow_writes adds a pause per written chunk (a long extraction)."""
+    import multiprocessing
+
+    def child():
+        if slow_writes:
+            from cache.store import CacheWriter
+            write_chunk = CacheWriter.write_chunk
+
+            def slow(self, *a, **kw):
+                time.sleep(slow_writes)
+                return write_chunk(self, *a, **kw)
+            CacheWriter.write_chunk = slow
+        os._exit(run_cli(*args).exit_code)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    return proc
+
+
+def kill_at_random_moments(toy, reference, out, fmt, kills: int, seed: int):
+    args = extract_args(toy, out, "--format", fmt)
+    rng = np.random.default_rng(seed)
+    interrupted = 0
+    for _ in range(kills):
+        proc = forked_extraction(args)
+        time.sleep(rng.uniform(0.0, 2.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        problems = verify_cache(out)
+        if not problems:   # finished just before the kill
+            break
+        assert problems[0].startswith(("incomplete", "no cache at")), problems
+        with pytest.raises(CacheError):
+            open_cache(out)   # a killed extraction never leaves a cache that readers accept
+        interrupted += problems[0].startswith("incomplete")
+    assert interrupted, "no kill landed mid-extraction"
+    res = run_cli(*args)
+    assert res.exit_code == 0, res.output
+    assert verify_cache(out) == [] and not staging_path(out).exists()
+    assert not list(out.parent.glob(f"{out.name}.*")), "temporary files or a lock left behind"
+    if fmt == "zarr":
+        assert store_files(out) == store_files(reference)
+    assert_same_arrays(out, reference)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_killed_at_random_moments_then_resumed_equals_uninterrupted(toy, reference, tmp_path, fmt):
+    kill_at_random_moments(toy, reference, tmp_path / f"k.{'zarr' if fmt == 'zarr' else 'h5'}", fmt, kills=3,
+                           seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("seed", [2, 3])
+def test_killed_many_times_then_resumed_equals_uninterrupted(toy, reference, tmp_path, fmt, seed):
+    kill_at_random_moments(toy, reference, tmp_path / f"k.{'zarr' if fmt == 'zarr' else 'h5'}", fmt, kills=12,
+                           seed=seed)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_a_second_extraction_into_the_same_out_is_refused_and_harms_nothing(toy, reference, tmp_path, fmt):
+    from cache.lock import lock_path
+    out = tmp_path / ("c.zarr" if fmt == "zarr" else "c.h5")
+    args = extract_args(toy, out, "--format", fmt)
+    first = forked_extraction(args, slow_writes=0.1)
+    deadline = time.monotonic() + 60
+    while not lock_path(out).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    res = run_cli(*args)   # the second writer, while the first holds the lock
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    line = res.output.strip()
+    assert "\n" not in line and "is being written by another process" in line and f"pid {first.pid}" in line
+    first.join()
+    assert first.exitcode == 0
+    assert verify_cache(out) == []
+    assert_same_arrays(out, reference)   # the first extraction's cache is whole (not zeroed by the second)
+    assert run_cli(*args).exit_code == 0   # and the lock is gone
