@@ -12,12 +12,14 @@
     python pipeline.py report  RUN
     python pipeline.py predict --run RUN --lam 0.5 IMAGE...
 
-This file is only the command group: every command lives in the package that owns it (extract/cli.py,
+Unexpected faults (full or read-only disk, damaged files) end in one line naming the file (clierrors.py);
+`python pipeline.py --debug COMMAND ...` shows the traceback. This file is only the command group: every command lives in the package that owns it (extract/cli.py,
 cache/cli.py, heads/cli.py) and imports its heavy dependencies when it runs.
 """
 import click
 
 from cache.cli import cache_group
+from clierrors import DEBUG_ENV, Group
 from extract.cli import costs_cmd, extract_cmd
 from extract.finetune_cli import finetune_cmd
 from heads.cli import compare_cmd, fit_cmd, report_cmd, sweep_cmd, train_cmd
@@ -25,8 +27,9 @@ from heads.demo import demo_cmd
 from heads.predict_cli import predict_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def cli():
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help=f"Show the traceback of an unexpected error (or set {DEBUG_ENV}=1).")
+def cli(debug):
     """Early-exit heads (JEI-DNN) trained from a feature cache of a frozen backbone."""
 
 
