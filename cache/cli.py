@@ -2,6 +2,7 @@
 
     python pipeline.py cache info cache/t2t_vit_14-cifar100-1a2b3c4d5e.zarr
     python pipeline.py cache verify cache/t2t_vit_14-cifar100-1a2b3c4d5e.zarr   # exit status 1 on any problem
+    python pipeline.py cache verify --seal OLD.zarr   # adds chunk checksums to a format version 1 cache
 """
 import json
 from pathlib import Path
@@ -72,10 +73,13 @@ def info_cmd(cache, as_json):
 
 @cache_group.command("verify")
 @click.argument("cache", type=click.Path(path_type=Path))
-def verify_cmd(cache):
-    """Complete flag, shapes, every chunk written, no NaN/Inf, labels in range; exit status 1 on any problem."""
-    from .verify import verify_cache
-    problems = verify_cache(cache)
+@click.option("--seal", is_flag=True, help="Add chunk checksums to a sound zarr cache of format version 1 "
+              "(computed from its current content).")
+def verify_cmd(cache, seal):
+    """Complete flag, manifest, costs, every chunk written and matching its checksum, no NaN/Inf, labels in
+    range; exit status 1 on any problem (a rerun of the extract command re-extracts bad chunks)."""
+    from .verify import seal_cache, verify_cache
+    problems = seal_cache(cache) if seal else verify_cache(cache)
     if problems:
         for p in problems:
             click.echo(f"problem: {p}", err=True)

@@ -1,6 +1,6 @@
 """One writer per cache or run directory: an advisory lock file beside it, holding the owner's pid and host.
 
-    with exclusive(Path("cache/x.zarr")):   # a second process gets a LockedError naming the holder
+    with acquire(Path("cache/x.zarr")):   # a second process gets a LockedError naming the holder
         ...
 
 The lock is `flock` on `<path>.lock`. The kernel drops a flock when its holder dies (SIGKILL included), so a lock
@@ -15,7 +15,6 @@ import fcntl
 import json
 import os
 import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 _HELD: dict[str, "Lock"] = {}   # lock file -> the lock this process holds on it
@@ -78,6 +77,12 @@ class Lock:
         os.close(self._fd)
         self._fd = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
 
 def _read_holder(fd: int) -> str:
     try:
@@ -92,15 +97,7 @@ def _now() -> str:
 
 
 def acquire(path) -> Lock:
-    """Takes the lock of `path` (or re-enters this process's own); LockedError when another process holds it."""
+    """Takes the lock of `path` (or re-enters this process's own); LockedError when another process holds it.
+    Release it with .release(), or use it as a context manager."""
     key = str(lock_path(path).resolve())
     return (_HELD.get(key) or Lock(path)).acquire()
-
-
-@contextmanager
-def exclusive(path):
-    lock = acquire(path)
-    try:
-        yield lock
-    finally:
-        lock.release()

@@ -571,7 +571,8 @@ class Cache:
                              "if the manifest is damaged)")
         if m["format_version"] < 2:
             log.warning("%s has cache format version %s: no chunk checksums, so damaged chunks are not detected; "
-                        "rebuild it with extract --overwrite", where, m["format_version"])
+                        "add them with `python pipeline.py cache verify --seal %s` (or rebuild it with extract "
+                        "--overwrite)", where, m["format_version"], where)
 
     @property
     def splits(self) -> list[str]:

@@ -1,11 +1,13 @@
 """Checks a cache end to end: the complete flag, manifest vs layout and fingerprint, costs, array shapes and
 types, every chunk done and matching its checksum (format version 2), finite features and logits, labels in
 [0, K). Used by `cache verify`, by the writer before it marks a cache complete, and by a rerun of `extract`
-(bad_chunks: the chunks to re-extract)."""
+(bad_chunks: the chunks to re-extract); seal_cache adds checksums to a format version 1 cache."""
 from pathlib import Path
 
 import numpy as np
+import zarr
 
+from .lock import acquire as acquire_lock
 from .store import (READABLE_VERSIONS, CacheError, RawStore, array_specs, block_rows, checksum, cost_problems,
                     data_names, fingerprint, nonfinite_rows, row_blocks, staging_path)
 
@@ -131,3 +133,40 @@ def _array_problems(a, layout: dict, split: str, name: str, crcs, not_done: set,
         what = f"labels outside [0, {k})" if name == "labels" else "rows with NaN/Inf"
         problems.append(f"{where}: {bad} {what} (first at row {first})")
     return problems
+
+
+def seal_cache(path) -> list[str]:
+    """Adds chunk checksums to a complete zarr cache of format version 1, computed from its current content,
+    after the checks that need none (values, costs); returns the problems that stop it (empty: sealed). The
+    checksum arrays are written before the manifest names them, so a killed seal leaves a version 1 cache."""
+    path = Path(path)
+    with acquire_lock(path):
+        problems = store_problems_at(path)
+        if problems:
+            return problems
+        store = RawStore(path)
+        attrs = store.attrs
+        if attrs["format_version"] >= 2:
+            return []
+        if store.kind != "zarr":
+            return [f"{path} is an HDF5 cache of format version 1: it cannot be sealed in place; rebuild it with "
+                    "extract --overwrite"]
+        layout = {**attrs["layout"], "checksums": "crc32"}
+        group = zarr.open_group(path, mode="r+")
+        rows = layout["chunk_rows"]
+        for split in layout["splits"]:
+            shape, chunks, dtype = array_specs(layout, split)["checksums"]
+            crcs = np.zeros(shape, np.uint32)
+            for col, name in enumerate(data_names(layout, split)):
+                a = store.array(f"{split}/{name}")
+                row_bytes = np.dtype(a.dtype).itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+                for start, stop in row_blocks(a.shape[0], block_rows(layout, row_bytes)):
+                    block = np.asarray(a[start:stop])
+                    for c0, c1 in row_blocks(len(block), rows):
+                        crcs[(start + c0) // rows, col] = checksum(block[c0:c1])
+            group.create_array(f"{split}/checksums", shape=shape, chunks=chunks, dtype=dtype, compressors=None,
+                               fill_value=0, overwrite=True)[:] = crcs
+        sealed = {**attrs, "layout": layout, "format_version": 2}
+        sealed["fingerprint"] = fingerprint(sealed)
+        group.attrs.update(sealed)
+        return []

@@ -353,8 +353,10 @@ def test_costs_and_class_names_are_in_the_fingerprint_and_checked(tmp_path):
                          layout())
 
 
-def test_old_caches_without_checksums_are_read_with_a_warning(tmp_path, caplog):
+def test_old_caches_without_checksums_are_read_with_a_warning_and_can_be_sealed(tmp_path, caplog):
+    import shutil
     path = reference_cache(tmp_path)
+    shutil.copytree(path, tmp_path / "ref-copy.zarr")
     group = zarr.open_group(path, mode="r+")
     for split in SPLITS:
         del group[f"{split}/checksums"]
@@ -366,9 +368,18 @@ def test_old_caches_without_checksums_are_read_with_a_warning(tmp_path, caplog):
     assert verify_cache(path) == []
     with caplog.at_level("WARNING"), open_cache(path) as cache:
         cache.load_split("train")
-    assert "no chunk checksums" in caplog.text and "--overwrite" in caplog.text
+    assert "no chunk checksums" in caplog.text and "--seal" in caplog.text
     with pytest.raises(CacheError, match="format version 1.*--overwrite"):
         create_or_resume(path, manifest(), layout())
+    # Sealing adds the checksums of the current content: the cache is then a version 2 cache like a new one.
+    res = CliRunner().invoke(cache_group, ["verify", "--seal", str(path)])
+    assert res.exit_code == 0, res.output
+    with open_cache(path) as cache:
+        assert cache.manifest["format_version"] == 2
+        assert cache.fingerprint == open_cache(tmp_path / "ref-copy.zarr").fingerprint
+    assert verify_cache(path) == []
+    chunk_file(path, "val", "labels", 0).unlink()
+    assert "val/labels: 1 chunk(s) fail their checksums" in verify_cache(path)[0]
 
 
 def test_hdf5_conversion_checks_free_space_first(tmp_path, monkeypatch):
