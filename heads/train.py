@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from heads import finite
 from heads.exits import TARGET_RULES, exit_costs, exit_distribution, gate_targets
 from heads.engine import StackEngine
 from heads.kernels import adam_scales, adam_update_torch
@@ -359,6 +360,7 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
             out = engine.forward(feats, last, labels, gates=False)
             coef = (exit_weight / labels.shape[0]).expand(len(optim), labels.shape[0], -1)
             engine.im_step(out, feats, labels, coef)
+        finite.check_heads(heads, "warm-up", epoch + 1, [f"lr {o[0]:g}, weight decay {o[1]:g}" for o in optim])
         acc = engine.im_accuracy(data.v2)
         history.append(acc)
         better = acc > best_acc                                                   # (n_optim, n_ims)
@@ -428,6 +430,9 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
             if step % settings.bi_switch == 0:
                 gate_state = not gate_state
         v2 = engine.exited_metrics(data.v2, lam_s, ic_norm)
+        labels_s = [f"lambda {resolved[i]['lam']:g} (lr {resolved[i]['lr']:g})" for i in stack.tolist()]
+        finite.check_heads(engine.heads, "bi-level", epoch + 1, labels_s)
+        finite.check_values(~torch.isfinite(v2["objective"]).cpu(), "bi-level", epoch + 1, labels_s, "V2 objective")
         improved_s = v2["objective"] < best_obj[stack]
         improved = torch.zeros_like(active)
         improved[stack] = improved_s
