@@ -20,7 +20,11 @@
 Every file is written to a temporary name in RUN and renamed over the old one, so a killed run never leaves a
 half-written file. settings.json is written before training starts (status "training"), the heads as soon as
 training ends, results.parquet last; rerunning the same command into the same RUN re-uses heads of identical
-settings (heads/sweep.py).
+settings (heads/sweep.py). One process writes a run directory at a time (lock_run: RUN.lock beside it).
+Everything read back is checked, and a damaged file is a one-line RunFileError naming it: JSON that does not
+parse, heads with NaN/Inf or shapes that do not fit the run's cache, a results.parquet that is not this run's
+(report refuses results left by an earlier run that --overwrite replaced), method parts whose rows do not match
+the digest stored with them.
 
 Columns of results.parquet (null where a column does not apply to a row's method; NaN where a metric is undefined):
     method            "jei": a trained model at gate threshold 0.5 (eq. 4: first exit with P(E^l|x) > 0.5);
@@ -72,6 +76,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -82,8 +88,36 @@ HEADS_INDEX = "heads.json"
 META_SETTINGS = b"jei.settings"
 META_FINGERPRINT = b"jei.cache_fingerprint"
 META_HASH = b"jei.settings_hash"
+META_DIGEST = b"jei.rows_sha256"
 MATCHED = "matched_costs.csv"
 PARTS = "methods"
+PLOTS = "*.png"
+
+
+class RunFileError(ValueError):
+    """A damaged or foreign file in a run directory (one-line message naming it and what to do)."""
+
+
+def lock_run(run: Path):
+    """The run directory's writer lock (cache/lock.py); LockedError names the process that holds it."""
+    from cache.lock import acquire
+    return acquire(Path(run))
+
+
+def clear_outputs(run: Path) -> None:
+    """Removes what an earlier run left that the new one may not rewrite (results, plots, matched costs, method
+    parts), so that no file of the old run is ever read as the new one's."""
+    run = Path(run)
+    for path in [run / RESULTS, run / MATCHED, *run.glob(PLOTS), *(run / PARTS).glob("*.parquet")]:
+        path.unlink(missing_ok=True)
+
+
+def _read_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path} is damaged ({err}); delete it, or rerun with --overwrite") from None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -127,8 +161,10 @@ def read_settings(run: Path) -> dict | None:
     path = Path(run) / SETTINGS
     if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    settings = _read_json(path)
+    if not isinstance(settings, dict):
+        raise RunFileError(f"{path} is not a run's settings file; delete it, or rerun with --overwrite")
+    return settings
 
 
 def write_settings(run: Path, settings: dict) -> None:
@@ -150,8 +186,17 @@ def read_results(run: Path) -> tuple[list[dict], dict]:
     path = Path(run) / RESULTS
     if not path.exists():
         raise FileNotFoundError(f"{run} holds no {RESULTS} (not a run directory, or the run did not finish)")
-    table = pq.read_table(path)
-    settings = json.loads(table.schema.metadata[META_SETTINGS])
+    try:
+        table = pq.read_table(path)
+        settings = json.loads(table.schema.metadata[META_SETTINGS])
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as err:
+        raise RunFileError(f"{path} is not a readable results file of this program ({str(err)[:120]}); rerun the "
+                           "command that made the run") from None
+    current = read_settings(run)
+    if current is not None and (current.get("settings_hash") != settings.get("settings_hash")
+                                or current.get("status") != "complete"):
+        raise RunFileError(f"{path} was left by an earlier run: {run} now holds a run that did not finish "
+                           f"(status {current.get('status')!r}); rerun the command that made it")
     return table.to_pylist(), settings
 
 
@@ -164,7 +209,7 @@ def uniform_rows(rows: list[dict]) -> list[dict]:
 def write_part(run: Path, name: str, rows: list[dict], settings_hash_: str) -> None:
     """RUN/methods/<name>.parquet: the finished rows of one method of a `compare` run."""
     table = pa.Table.from_pylist(uniform_rows(rows))
-    table = table.replace_schema_metadata({META_HASH: settings_hash_.encode()})
+    table = table.replace_schema_metadata({META_HASH: settings_hash_.encode(), META_DIGEST: _rows_digest(table)})
     folder = Path(run) / PARTS
     folder.mkdir(exist_ok=True)
     _atomic_write(folder / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
@@ -175,10 +220,23 @@ def read_part(run: Path, name: str, settings_hash_: str) -> list[dict] | None:
     path = Path(run) / PARTS / f"{name}.parquet"
     if not path.exists():
         return None
-    table = pq.read_table(path)
-    if (table.schema.metadata or {}).get(META_HASH, b"").decode() != settings_hash_:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise RunFileError(f"{path} is damaged ({str(err)[:120]}); delete it to recompute {name}") from None
+    meta = table.schema.metadata or {}
+    if meta.get(META_HASH, b"").decode() != settings_hash_:
         return None
+    if meta.get(META_DIGEST) != _rows_digest(table):
+        raise RunFileError(f"{path} does not match the digest stored with it (edited or damaged); delete it to "
+                           f"recompute {name}")
     return table.to_pylist()
+
+
+def _rows_digest(table) -> bytes:
+    """sha256 of a table's rows as Python values (what read_part returns), independent of its metadata."""
+    text = json.dumps(table.to_pylist(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest().encode()
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -212,10 +270,38 @@ def load_heads(run: Path) -> dict | None:
     run = Path(run)
     if not (run / HEADS).exists() or not (run / HEADS_INDEX).exists():
         return None
-    with open(run / HEADS_INDEX) as f:
-        index = json.load(f)
-    tensors = load_file(run / HEADS)
-    for group in index["groups"]:
-        prefix = f"g{group['group']}/"
-        group["state"] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    index = _read_json(run / HEADS_INDEX)
+    try:
+        tensors = load_file(run / HEADS)
+        groups = index["groups"]
+        for group in groups:
+            prefix = f"g{group['group']}/"
+            group["state"] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    except Exception as err:   # safetensors' own error types, or an index of another shape
+        raise RunFileError(f"{run / HEADS} (with {HEADS_INDEX}) cannot be read ({str(err)[:120]}); delete both to "
+                           "retrain") from None
+    _check_heads(run, groups)
     return index
+
+
+def _check_heads(run: Path, groups: list[dict]) -> None:
+    """Trained heads re-used from disk must be finite floats shaped for the run's cache (exit dims and classes
+    from settings.json, written with them)."""
+    cache = (read_settings(run) or {}).get("cache") or {}
+    dims, k = [e.get("dim") for e in cache.get("exits") or []], cache.get("num_classes")
+    expected = {"gate_weight": (len(dims) - 1, 4), "gate_bias": (len(dims) - 1,)}
+    for l, d in enumerate(dims):
+        expected.update({f"im_weight.{l}": (d, k), f"im_bias.{l}": (k,)})
+    for group in groups:
+        for name, value in group["state"].items():
+            if name == "epochs_trained":
+                continue
+            where = f"{run / HEADS}: tensor g{group['group']}/{name}"
+            if not value.is_floating_point():
+                raise RunFileError(f"{where} is {value.dtype}, not floating point; delete {HEADS} to retrain")
+            if not bool(torch.isfinite(value).all()):
+                raise RunFileError(f"{where} holds NaN/Inf; delete {HEADS} to retrain")
+            want = expected.get(name)
+            if dims and k and (want is None or tuple(value.shape[1:]) != want):
+                raise RunFileError(f"{where} has shape {tuple(value.shape)}, but the run's cache needs (trials, "
+                                   f"{', '.join(map(str, want or ('?',)))}); delete {HEADS} to retrain")

@@ -397,12 +397,15 @@ class Run:
         self.digest = rundir.settings_hash(self.identity)
         self.out = Path(out) if out is not None else Path("runs") / f"{command}-{self.digest[:10]}"
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = rundir.lock_run(self.out)   # released by finish(), or when the process ends
         old = rundir.read_settings(self.out)
         if old is not None and old.get("settings_hash") != self.digest and not overwrite:
             before = old.get("identity", {})
             changed = sorted(k for k in set(self.identity) | set(before) if self.identity.get(k) != before.get(k))
             raise RunExistsError(f"{self.out} holds another run (it differs in: {', '.join(changed)}); "
                                  "choose another --out or pass --overwrite")
+        if old is not None and old.get("settings_hash") != self.digest:
+            rundir.clear_outputs(self.out)
         saved = None if overwrite else rundir.load_heads(self.out)
         self.saved = saved if saved is not None and saved["settings_hash"] == self.digest else None
         self.write_status("training")
@@ -445,6 +448,7 @@ class Run:
         self.timings["evaluate_seconds"] = self.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
         settings = self.write_status("complete", warnings=warnings)
         rundir.write_results(self.out, rundir.uniform_rows(rows), settings)
+        self.lock.release()
         return RunResult(self.out, rows, settings, warnings)
 
 
