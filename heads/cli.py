@@ -10,28 +10,51 @@
 runs/<command>-<settings hash>. The training options mirror heads.train.TrainSettings (appendix 9.1.2 defaults);
 torch and the training code are imported only when a command runs.
 """
+import math
 from pathlib import Path
 
 import click
 
+MAX_LAMBDAS = 10_000        # lambdas x grid values of one run: beyond this a typo, not a sweep
+MAX_EPOCHS = 100_000
+MIN_VAL_ROWS, MIN_TEST_ROWS = 20, 10   # V2 (half of val) and test feed bootstraps over 10 partitions
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is neither NaN nor +-Inf (click's FLOAT accepts both)."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+COUNT = click.IntRange(1, MAX_EPOCHS)
+
 TRAIN_OPTIONS = (
-    click.option("--lr", type=float, default=None, help="Adam learning rate (default 0.01)."),
-    click.option("--weight-decay", type=float, default=None, help="Adam L2 weight decay (default 5e-4)."),
-    click.option("--batch-size", type=int, default=None, help="Mini-batch size (default 64; 256 for SVHN as in the paper)."),
-    click.option("--max-epochs", type=int, default=None,
+    click.option("--lr", type=FINITE, default=None, help="Adam learning rate (default 0.01)."),
+    click.option("--weight-decay", type=FINITE, default=None, help="Adam L2 weight decay (default 5e-4)."),
+    click.option("--batch-size", type=COUNT, default=None,
+                 help="Mini-batch size (default 64; 256 for SVHN as in the paper)."),
+    click.option("--max-epochs", type=COUNT, default=None,
                  help="Warm-up + bi-level epochs at most (default: the paper's for the cache's dataset, CIFAR-10/SVHN 15, "
                       "CIFAR-100-LT 20, CIFAR-100 30; else 15)."),
-    click.option("--warmup-epochs", type=int, default=None, help="Warm-up epochs of the IMs (default 2)."),
-    click.option("--bi-switch", type=int, default=None, help="Batches between GATE/CLASSIFIER switches (default 200)."),
-    click.option("--patience", type=int, default=None, help="Epochs without a better V2 objective (default 4)."),
+    click.option("--warmup-epochs", type=click.IntRange(0, MAX_EPOCHS), default=None,
+                 help="Warm-up epochs of the IMs (default 2)."),
+    click.option("--bi-switch", type=COUNT, default=None, help="Batches between GATE/CLASSIFIER switches (default 200)."),
+    click.option("--patience", type=COUNT, default=None, help="Epochs without a better V2 objective (default 4)."),
     click.option("--targets", type=click.Choice(["subsequent", "ifmin"]), default=None,
                  help="Gate targets: ExitSubsequent (eq. 31, default) or ExitIfMin (eq. 32)."),
     click.option("--full-gradient/--no-full-gradient", default=None, help="JEI-DNN-FULL: eq. 29 (default off)."),
     click.option("--im-loss", type=click.Choice(["weighted", "uniform"]), default=None,
                  help="IM loss: weighted by P(G=l|x) (eq. 30, default) or plain cross-entropy."),
-    click.option("--gate-weight-cap", type=float, default=None,
+    click.option("--gate-weight-cap", type=FINITE, default=None,
                  help="Cap on the gates' class-imbalance weight n_neg/n_pos (default 2; 1 = unweighted BCE)."),
-    click.option("--seed", type=int, default=None, help="Seed of weights and batch order (default 0)."),
+    click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=None,
+                 help="Seed of weights and batch order (default 0)."),
     click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
 )
 RUN_OPTIONS = (
@@ -66,14 +89,37 @@ def _train_settings(kwargs: dict, cache_path):
     try:
         with open_cache(cache_path) as cache:
             dataset = cache.manifest["dataset"]["name"]
+            rows = {split: cache.num_rows(split) for split in cache.splits}
     except CacheError as err:
         raise click.UsageError(str(err)) from None
+    if rows.get("val", 0) < MIN_VAL_ROWS or rows.get("test", 0) < MIN_TEST_ROWS:
+        raise click.UsageError(f"{cache_path} has {rows.get('val', 0)} validation and {rows.get('test', 0)} test "
+                               f"rows: stage two needs at least {MIN_VAL_ROWS} and {MIN_TEST_ROWS} (its intervals "
+                               "bootstrap over 10 partitions of V2, half the validation split, and of test); "
+                               "extract with a larger --limit")
+    if given.get("batch_size", 0) > rows["train"]:
+        raise click.BadParameter(f"{given['batch_size']} exceeds the cache's {rows['train']} training rows",
+                                 param_hint="--batch-size")
     given = {**PAPER_DATASET_DEFAULTS.get(dataset, {}), **given}
     given.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(given["device"])
     try:
         return TrainSettings(**given)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+
+
+def _check_device(name: str):
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f"unknown device {name!r} (cpu, cuda, cuda:1, ...)", param_hint="--device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{name!r}: stage two runs on cpu or cuda", param_hint="--device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise click.BadParameter(f"{name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)",
+                                 param_hint="--device")
 
 
 def _cache(path):
@@ -92,6 +138,9 @@ def _parsed(parse, hint):
         if value is None:
             return None
         from heads import sweep
+        count = str(value).split(":")[2:3]
+        if count and count[0].strip().isdigit() and int(count[0]) > MAX_LAMBDAS:   # before allocating them
+            raise click.BadParameter(f"{value!r}: at most {MAX_LAMBDAS} lambdas", param_hint=hint)
         try:
             return getattr(sweep, parse)(value)
         except ValueError as err:
@@ -134,7 +183,7 @@ def _summarise(result):
 
 
 @click.command("train")
-@click.option("--lam", type=float, required=True, help="Cost weight lambda (> 0).")
+@click.option("--lam", type=FINITE, required=True, help="Cost weight lambda (> 0).")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
 @_options(TRAIN_OPTIONS)
@@ -177,12 +226,12 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
 
 
 @click.command("fit")
-@click.option("--target-cost", type=float, required=True,
+@click.option("--target-cost", type=FINITE, required=True,
               help="Most V2 Mul-Adds allowed, as a fraction of the full network's (0 < c <= 1).")
 @click.option("--lam-range", default="0.001:100", show_default=True, callback=_parsed("parse_lambdas", "--lam-range"),
               help="First bracket A:B; widened when it does not contain the target.")
-@click.option("--points", type=int, default=6, show_default=True, help="Lambdas trained together per round.")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Refinement rounds inside the bracket.")
+@click.option("--points", type=click.IntRange(2, MAX_LAMBDAS), default=6, show_default=True, help="Lambdas trained together per round.")
+@click.option("--rounds", type=click.IntRange(0, 100), default=3, show_default=True, help="Refinement rounds inside the bracket.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
 @_options(TRAIN_OPTIONS)
@@ -263,7 +312,7 @@ def report_cmd(run, lam, split, plots):
     from heads.rundir import read_results
     try:
         rows, settings = read_results(run)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     identity = settings.get("identity", {})
     click.echo(f"{identity.get('command', 'run')} on {settings['cache']['path']} "
