@@ -20,6 +20,7 @@ import timm
 from cache.store import CacheError, find_default_cache, open_cache, staging_path
 from cache.verify import verify_cache
 from pipeline import cli
+import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -227,38 +228,39 @@ def test_costs_table_and_json():
 
 
 # ---------------------------------------------------------------- fault injection and concurrency
-# Forked children run the extraction (torch and timm are already imported, so a child starts in milliseconds);
-# the parent kills them with SIGKILL at seeded random moments, or competes with them for the same --out.
+# Child processes run the extraction (tests/procs.py: they start in milliseconds); the test kills them with
+# SIGKILL at seeded random moments, or competes with them for the same --out.
 
-def forked_extraction(args, slow_writes: float = 0.0):
-    """Starts `extract args` in a forked child; slow_writes adds a pause per written chunk (a long extraction)."""
-    import multiprocessing
-
-    def child():
-        if slow_writes:
-            from cache.store import CacheWriter
-            write_chunk = CacheWriter.write_chunk
-
-            def slow(self, *a, **kw):
-                time.sleep(slow_writes)
-                return write_chunk(self, *a, **kw)
-            CacheWriter.write_chunk = slow
-        os._exit(run_cli(*args).exit_code)
-
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    return proc
+def started_writing(proc, out: Path) -> float:
+    """Waits until the child holds the store's lock (its writing began) or ends; returns the time then."""
+    from cache.lock import lock_path
+    while not lock_path(out).exists() and proc.is_alive():
+        time.sleep(0.002)
+    return time.perf_counter()
 
 
 def kill_at_random_moments(toy, reference, out, fmt, kills: int, seed: int):
+    """Kills extractions into `out` with SIGKILL at seeded random moments of their writing (from taking the lock
+    to the end, HDF5 conversion included), each resuming the last, then finishes it and compares."""
     args = extract_args(toy, out, "--format", fmt)
     rng = np.random.default_rng(seed)
+    timing = out.with_name("timing" + out.suffix)   # how long the writing takes here: the kills land within it
+    proc = procs.start(procs.extraction, extract_args(toy, timing, "--format", fmt))
+    began = started_writing(proc, timing)
+    proc.join()
+    duration = time.perf_counter() - began
+    assert proc.exitcode == 0
     interrupted = 0
     for _ in range(kills):
-        proc = forked_extraction(args)
-        time.sleep(rng.uniform(0.0, 2.5))
-        os.kill(proc.pid, signal.SIGKILL)
+        proc = procs.start(procs.extraction, args)
+        started_writing(proc, out)
+        time.sleep(rng.uniform(0.0, duration))
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:   # it ended before the kill
+            pass
         proc.join()
+        assert proc.exitcode in (0, -signal.SIGKILL), proc.exitcode
         problems = verify_cache(out)
         if not problems:   # finished just before the kill
             break
@@ -295,7 +297,7 @@ def test_a_second_extraction_into_the_same_out_is_refused_and_harms_nothing(toy,
     from cache.lock import lock_path
     out = tmp_path / ("c.zarr" if fmt == "zarr" else "c.h5")
     args = extract_args(toy, out, "--format", fmt)
-    first = forked_extraction(args, slow_writes=0.1)
+    first = procs.start(procs.extraction, args, 0.1)
     deadline = time.monotonic() + 60
     while not lock_path(out).exists() and time.monotonic() < deadline:
         time.sleep(0.01)
