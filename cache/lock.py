@@ -9,6 +9,7 @@ The file is removed on release; because another process may have opened it just 
 after locking that the path still names the file it locked (else it retries on the new file). Locks are per
 process: a process that already holds a path may take it again (a resumed writer in the same process).
 """
+import atexit
 import datetime
 import errno
 import fcntl
@@ -94,6 +95,14 @@ def _read_holder(fd: int) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@atexit.register
+def _release_all():
+    """A process that ends without releasing (an error in a library caller) still removes its lock files."""
+    for lock in list(_HELD.values()):
+        lock._count = 1
+        lock.release()
 
 
 def acquire(path) -> Lock:

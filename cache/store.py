@@ -645,20 +645,20 @@ class Cache:
                 except Exception as err:
                     refuse(start + r0, start + r1, f"cannot be read ({_first_line(err)})")
             raise
+        if name == "labels":
+            bad = np.flatnonzero((block < 0) | (block >= self.num_classes))
+            what = f"has a label outside [0, {self.num_classes})"
+        else:
+            bad, what = nonfinite_rows(block), "has NaN/Inf"
+        if bad.size:   # named before the checksum: the more useful message
+            row = start + int(bad[0])
+            refuse(row, row + 1, what)
         crcs = self._split_checksums(split)
         if crcs is not None:
             col = data_names(self.layout, split).index(name)
             for r0, r1 in row_blocks(stop - start, rows):
                 if checksum(block[r0:r1]) != crcs[(start + r0) // rows, col]:
                     refuse(start + r0, start + r1, "fails its checksum (deleted, truncated or altered on disk)")
-        if name == "labels":
-            bad = np.flatnonzero((block < 0) | (block >= self.num_classes))
-            what = f"has a label outside [0, {self.num_classes})"
-        else:
-            bad, what = nonfinite_rows(block), "has NaN/Inf"
-        if bad.size:
-            row = start + int(bad[0])
-            refuse(row, row + 1, what)
         return block
 
     def _split_checksums(self, split: str):
