@@ -61,11 +61,15 @@ def _read_pickled(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsupported = re.search(r"GLOBAL ([\w.]+)", str(err))
+        # torch's message opens with advice to load with weights_only=False: never pass that on
+        unsupported = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"(Unsupported operand \d+)", str(err))
         if unsupported:
-            raise CheckpointError(f"{path}: refusing to unpickle {unsupported.group(1)}; only tensors, plain "
-                                  "containers and argparse.Namespace are allowed (weights_only)") from None
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(err)})") from None
+            what = unsupported.group(1)
+            if what.startswith("Unsupported"):
+                what = f"a pickle that asks for more than data ({what})"
+            raise CheckpointError(f"{path}: refusing to unpickle {what}; only tensors, plain containers and "
+                                  "argparse.Namespace are allowed (weights_only)") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the pickle cannot be read)") from None
     except RuntimeError as err:
         if magic.startswith(_ZIP_MAGIC):  # a complete zip archive, but not one written by torch.save
             raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None

@@ -1,5 +1,7 @@
 """read_checkpoint / adapt_state_dict: which weights are picked, the allowed pickled types, every error path."""
 import argparse
+import os
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -97,6 +99,18 @@ def _pickled_numpy(tmp_path):
     return path
 
 
+class _RunsACommand:
+    def __reduce__(self):
+        return os.system, ("echo unpickled",)
+
+
+def _protocol5_payload(tmp_path):
+    path = tmp_path / "p5.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": _RunsACommand()}, f, protocol=5)
+    return path
+
+
 def _no_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save({"epoch": 3, "state_dict": [1, 2]}, path)
@@ -117,6 +131,7 @@ def _bad_safetensors(tmp_path):
     (_foreign_zip, "not a PyTorch checkpoint"),
     (_pickled_module, "refusing to unpickle torch.nn.modules.linear.Linear"),
     (_pickled_numpy, "refusing to unpickle numpy"),
+    (_protocol5_payload, "refusing to unpickle a pickle that asks for more than data"),
     (_no_state_dict, "no state dict found"),
     (_bad_safetensors, "not a readable safetensors file"),
 ])
@@ -125,6 +140,7 @@ def test_errors_are_one_clear_line(tmp_path, make, message):
     with pytest.raises(CheckpointError, match=message) as err:
         read_checkpoint(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert "weights_only=False" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
 
 
 def test_adapt_interpolates_pos_embed_and_drops_a_foreign_head():
