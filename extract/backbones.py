@@ -282,6 +282,11 @@ def _load_weights(model: nn.Module, path: Path) -> bool:
     if isinstance(model, EfficientNet) and "_conv_stem.weight" in state:
         state = efficientnet_pytorch_to_timm(state, model)
     state, head_dropped = adapt_state_dict(model, state)   # pos_embed fitted to the grid, another task's head dropped
+    ours = model.state_dict()
+    cast = [k for k, v in state.items() if k in ours and ours[k].is_floating_point() and not v.is_floating_point()]
+    if cast:   # load_state_dict would silently cast integer values into float parameters
+        raise ValueError(f"{path}: {cast[0]} is {state[cast[0]].dtype} where {type(model).__name__} has float "
+                         f"weights ({len(cast)} such tensors); not a checkpoint of trained weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = sorted(set(missing) - (head_keys(model) if head_dropped else set()))
     if missing or unexpected:

@@ -337,6 +337,9 @@ def _read_imagefolder(root: Path):
     if not paths:
         _missing(f"imagefolder: expected images in {train_dir}/<class>/ ({', '.join(IMAGE_EXTENSIONS)}), "
                  f"optionally {test_dir}/<class>/")
+    if len(classes) < 2:
+        raise ValueError(f"imagefolder: {train_dir} holds {len(classes)} class folder ({', '.join(classes)}); "
+                         "a classifier needs at least 2")
     test = ([], np.zeros(0, dtype=np.int64))
     if test_dir.is_dir():
         extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in classes)
@@ -401,8 +404,12 @@ class ImageSplit(torch.utils.data.Dataset):
         """uint8 (S, S, C) image at the backbone's input size."""
         size, resample = self.settings.img_size, INTERPOLATIONS[self.settings.interpolation]
         if self.from_files:
-            with Image.open(self.source[i]) as f:
-                img = f.convert("RGB")
+            try:
+                with Image.open(self.source[i]) as f:
+                    img = f.convert("RGB")
+            except (OSError, SyntaxError) as err:   # what PIL raises for truncated or foreign files
+                raise ValueError(f"{self.source[i]}: unreadable image ({err}); replace or remove it and rerun "
+                                 "(the cache resumes where it stopped)") from None
             # timm's eval transform: Resize(floor(S / crop_pct)) of the shorter side, CenterCrop(S), with
             # torchvision's rounding, so features match what the pretrained backbone was evaluated on
             short, long = sorted(img.size)
