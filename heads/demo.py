@@ -56,30 +56,50 @@ def ensure_fashion_mnist(data_dir: Path = FASHION_MNIST_DIR) -> None:
         raise click.ClickException(f"dataset-fashion-mnist installed, but {data_dir} still lacks its files")
 
 
+def _lambdas(ctx, param, value):
+    """Parsed before anything runs: a typo must not cost an extraction first."""
+    from heads.sweep import parse_lambdas
+    try:
+        return parse_lambdas(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--lambdas") from None
+
+
 @click.command("demo")
-@click.option("--limit", type=int, default=DEMO.limit, help="Images per split at most (default: all).")
-@click.option("--lambdas", default=DEMO.lambdas, show_default=True, help="Lambda range of the sweep.")
+@click.option("--limit", type=click.IntRange(1, None), default=DEMO.limit,
+              help="Images per split at most (default: all).")
+@click.option("--lambdas", default=DEMO.lambdas, show_default=True, callback=_lambdas,
+              help="Lambda range of the sweep.")
+@click.option("--overwrite", is_flag=True, help=f"Replace a cache at {DEMO.cache} or a run at {DEMO.run} made with "
+              "other settings (another --limit, ...) instead of resuming them.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def demo_cmd(limit, lambdas, progress):
+def demo_cmd(limit, lambdas, overwrite, progress):
     """The embedded default end to end: extract EfficientNet-Lite0 (ImageNet) features of Fashion-MNIST, sweep
     lambda, print the accuracy/cost table and write the figures."""
     import torch
 
     from extract.run import ExtractSettings, run_extraction
     from heads.report import results_table, write_plots
-    from heads.sweep import SweepSettings, parse_lambdas, run_sweep
+    from heads.sweep import SweepSettings, run_sweep
     from heads.train import TrainSettings
 
     s = DEMO
     ensure_fashion_mnist()
     click.echo(f"[1/3] python pipeline.py extract --backbone {s.backbone} --weights {s.weights} --dataset {s.dataset} "
-               f"--img-size {s.img_size}{'' if limit is None else f' --limit {limit}'} --out {s.cache}", err=True)
-    cache = run_extraction(ExtractSettings(backbone=s.backbone, weights=s.weights, dataset=s.dataset,
-                                           img_size=s.img_size, limit=limit, out=s.cache, progress=progress))
-    click.echo(f"[2/3] python pipeline.py sweep --cache {cache} --lambdas {lambdas} --out {s.run}", err=True)
+               f"--img-size {s.img_size}{'' if limit is None else f' --limit {limit}'} --out {s.cache}"
+               f"{' --overwrite' if overwrite else ''}", err=True)
+    try:
+        cache = run_extraction(ExtractSettings(backbone=s.backbone, weights=s.weights, dataset=s.dataset,
+                                               img_size=s.img_size, limit=limit, out=s.cache, overwrite=overwrite,
+                                               progress=progress))
+    except ValueError as err:   # CacheError included: its advice to pass --overwrite holds for the demo too
+        raise click.ClickException(str(err)) from None
+    text = ",".join(f"{x:g}" for x in lambdas)
+    click.echo(f"[2/3] python pipeline.py sweep --cache {cache} --lambdas {text} --out {s.run}"
+               f"{' --overwrite' if overwrite else ''}", err=True)
     settings = TrainSettings(device="cuda" if torch.cuda.is_available() else "cpu")
     try:
-        result = run_sweep(cache, SweepSettings(tuple(parse_lambdas(lambdas))), settings, s.run,
+        result = run_sweep(cache, SweepSettings(tuple(lambdas)), settings, s.run, overwrite=overwrite,
                            progress=progress, log=lambda m: click.echo(m, err=True))
     except ValueError as err:
         raise click.ClickException(str(err)) from None

@@ -29,3 +29,26 @@ def test_gate_weight_cap_bounds_the_class_weights():
         assert torch.allclose(w, torch.tensor([expected]), rtol=1e-5), (cap, w)
     with pytest.raises(ValueError, match="gate_weight_cap"):
         TrainSettings(gate_weight_cap=0.5)
+
+
+def test_demo_checks_its_options_before_extracting_and_passes_overwrite_on(monkeypatch):
+    from click.testing import CliRunner
+
+    from extract import run as extract_run
+    from pipeline import cli
+    calls = []
+    monkeypatch.setattr(demo, "ensure_fashion_mnist", lambda: None)
+    monkeypatch.setattr(extract_run, "run_extraction", lambda s: calls.append(s) or pytest.fail("extracted"))
+    res = CliRunner().invoke(cli, ["demo", "--lambdas", "abc"])
+    assert res.exit_code == 2 and "--lambdas" in res.output and not calls
+
+    def refuse(s):   # an earlier, interrupted demo with another --limit
+        calls.append(s)
+        if not s.overwrite:
+            raise ValueError(f"{s.out} was built with other settings (dataset.limit: 5 (cache) vs None (now)); "
+                             "use --overwrite to replace it")
+        raise SystemExit(0)
+    monkeypatch.setattr(extract_run, "run_extraction", refuse)
+    res = CliRunner().invoke(cli, ["demo"])
+    assert res.exit_code == 1 and "use --overwrite" in res.output and "Traceback" not in res.output
+    assert CliRunner().invoke(cli, ["demo", "--overwrite"]).exit_code == 0 and calls[-1].overwrite
