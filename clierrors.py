@@ -39,8 +39,10 @@ def one_line(err: BaseException) -> str:
         return _first_line(err)
     if isinstance(err, MemoryError):
         return "out of memory: lower --batch-size, or use fewer rows (--limit) or lambdas"
+    if isinstance(err, OSError) and err.errno == errno.EEXIST and err.filename and os.path.isfile(err.filename):
+        return f"{err.filename}: is a file where a folder is needed: choose another path (--out)"
     if isinstance(err, OSError) and err.errno in ADVICE:
-        where = err.filename or _first_line(err)
+        where = err.filename or "a write"
         if getattr(err, "filename2", None):
             where = f"{where} -> {err.filename2}"
         return f"{where}: {ADVICE[err.errno]}"

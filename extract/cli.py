@@ -66,6 +66,9 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
         path = run_extraction(settings)
     except (ValueError, CacheError, ExtractionError) as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:   # zarr's writes raise ENOSPC and the like without a file name: name the cache
+        err.filename = err.filename or out or "cache/"
+        raise
     except torch.OutOfMemoryError:
         raise click.ClickException(f"out of memory at batch size {batch_size}; lower --batch-size "
                                    "(the cache resumes where it stopped)") from None

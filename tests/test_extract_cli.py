@@ -355,3 +355,24 @@ def test_int32_weights_one_class_trees_and_truncated_images_are_one_line_errors(
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 1 and len(lines) == 1 and str(bad) in lines[0] and "unreadable image" in lines[0]
     assert verify_cache(tmp_path / "c.zarr")[0].startswith("incomplete")   # resumable, never marked complete
+
+
+def test_a_full_disk_is_one_line_naming_the_cache_and_the_rerun_resumes(toy, reference, tmp_path, monkeypatch):
+    import errno
+    from cache.store import CacheWriter
+    write_chunk, written = CacheWriter.write_chunk, []
+
+    def fills_up(self, split, i, *a, **kw):
+        if len(written) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")   # as zarr raises it: no file name
+        written.append(i)
+        return write_chunk(self, split, i, *a, **kw)
+    monkeypatch.setattr(CacheWriter, "write_chunk", fills_up)
+    out = tmp_path / "c.zarr"
+    res = run_cli(*extract_args(toy, out))
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and str(out) in lines[0] and "no space left" in lines[0]
+    assert verify_cache(out)[0].startswith("incomplete")
+    monkeypatch.undo()
+    assert run_cli(*extract_args(toy, out)).exit_code == 0
+    assert store_files(out) == store_files(reference)

@@ -257,6 +257,7 @@ def faulty_group(err):
     (OSError(errno.EROFS, "Read-only file system", "/ro/c.zarr"), ["/ro/c.zarr", "read-only", "--out"]),
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/c.zarr"), ["/f/c.zarr", "is a file"]),
     (FileExistsError(errno.EEXIST, "File exists", "runs/x"), ["runs/x", "already exists"]),
+    (OSError(errno.ENOSPC, "No space left on device"), ["a write", "no space left"]),
     (MemoryError(), ["out of memory", "--batch-size"]),
     (RuntimeError("something\nelse"), ["RuntimeError: something", "--debug"]),
 ])
@@ -274,6 +275,6 @@ def test_unexpected_faults_become_one_line_and_debug_shows_the_traceback(err, ne
 def test_a_run_out_that_is_a_file_or_under_a_file(tiny_cache, tmp_path):
     (tmp_path / "file").write_text("x")
     one_line_error(run("train", "--cache", tiny_cache, "--lam", "0.1", "--out", tmp_path / "file", *FAST),
-                   str(tmp_path / "file"), "already exists")
+                   str(tmp_path / "file"), "is a file where a folder is needed")
     one_line_error(run("train", "--cache", tiny_cache, "--lam", "0.1", "--out", tmp_path / "file" / "r", *FAST),
                    str(tmp_path / "file"), "is a file")
