@@ -84,4 +84,9 @@ def verify_cmd(cache, seal):
         for p in problems:
             click.echo(f"problem: {p}", err=True)
         raise click.exceptions.Exit(1)
-    click.echo(f"ok: {cache}")
+    from .store import RawStore
+    store = RawStore(cache)
+    store.close()
+    old = store.attrs.get("format_version", 0) < 2
+    click.echo(f"ok: {cache}" + (" (format version 1: no chunk checksums to check; `cache verify --seal` adds "
+                                 "them)" if old else ""))

@@ -64,6 +64,7 @@ class CacheError(ValueError):
 
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()   # caches already warned about in this process (format version 1)
 
 
 # ---------------------------------------------------------------- manifest, identity, fingerprint
@@ -569,7 +570,8 @@ class Cache:
         if problems:
             raise CacheError(f"{where}: {problems[0]}; rerun the extract command that made it (with --overwrite "
                              "if the manifest is damaged)")
-        if m["format_version"] < 2:
+        if m["format_version"] < 2 and str(where) not in _WARNED:
+            _WARNED.add(str(where))
             log.warning("%s has cache format version %s: no chunk checksums, so damaged chunks are not detected; "
                         "add them with `python pipeline.py cache verify --seal %s` (or rebuild it with extract "
                         "--overwrite)", where, m["format_version"], where)

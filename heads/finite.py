@@ -22,5 +22,5 @@ def check_values(bad: torch.Tensor, phase: str, epoch: int, trials: list[str], w
     if bool(bad.any()):
         names = [t for t, b in zip(trials, bad.tolist()) if b]
         raise DivergedError(f"training diverged: NaN/Inf {what} in {phase} epoch {epoch} for "
-                            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; nothing was written -- "
+                            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; no heads or results were written -- "
                             "lower --lr (or check the cache with `cache verify`)")
