@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from heads import gate_features as gf
 from heads.gate_features import gate_features_numpy, gate_features_torch
 
 
@@ -35,6 +36,21 @@ def test_numba_and_torch_agree(scale, shape):
         assert a.shape == shape[:-1] + (4,) and a.dtype == dtype and b.dtype == dtype
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [2, 10, 100])
+def test_float32_statistics_are_the_kernels_bit_for_bit(k):
+    """What lets the runtime (torch ops) take the simulation's exits (the numba kernel): for float32 softmax
+    outputs, flat to saturated (exact zeros included), the two paths give identical float32 statistics, and the
+    parallel and serial kernels agree too."""
+    gen = torch.Generator().manual_seed(k)
+    z = torch.randn(3 * gf.PARALLEL_ROWS, k, generator=gen) * torch.logspace(-1, 2.5, 3 * gf.PARALLEL_ROWS)[:, None]
+    p = torch.softmax(z, dim=-1)
+    assert (p == 0).any()
+    parallel = gate_features_numpy(p.numpy())                  # >= PARALLEL_ROWS rows: the parallel kernel
+    serial = np.concatenate([gate_features_numpy(c) for c in np.split(p.numpy(), 3 * 8)])
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_array_equal(gate_features_torch(p).numpy(), parallel)
 
 
 def test_hand_cases_and_exact_zeros():
