@@ -81,9 +81,13 @@ class ExitRule:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"exit threshold must lie in [0, 1], got {threshold}")
         self.threshold = float(threshold)
-        self.mass = torch.zeros(n, dtype=torch.float64, device=device)   # sum of the gates passed, float64
-        self.left = torch.ones(n, device=device)                         # 1 - that sum in float32
-        self._views = None
+        self._views = None   # numpy views of mass and left on the CPU (views())
+        if device is None or torch.device(device).type == "cpu":
+            self._views = (np.zeros(n), np.ones(n, dtype=np.float32))
+            self.mass, self.left = torch.from_numpy(self._views[0]), torch.from_numpy(self._views[1])
+        else:
+            self.mass = torch.zeros(n, dtype=torch.float64, device=device)   # sum of the gates passed, float64
+            self.left = torch.ones(n, device=device)                         # 1 - that sum in float32
 
     @property
     def can_exit(self) -> bool:

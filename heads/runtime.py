@@ -130,6 +130,16 @@ class EarlyExitModel(nn.Module):
     def num_exits(self) -> int:
         return self.backbone.num_exits
 
+    def compile_blocks(self, **options) -> "EarlyExitModel":
+        """torch.compile each backbone block (dynamic batch size: the batch shrinks as samples leave); the exit
+        logic stays eager. torch.compile(model) itself runs, but breaks its graph at every exit (the numba kernel,
+        the host decision whether the batch shrinks) and recompiles the block method per exit index until dynamo's
+        recompile limit sends the rest back to eager: compile the blocks instead. Compiled blocks round float32
+        differently from eager ones, so exits then match the simulation statistically, not sample for sample."""
+        for block in self.backbone.blocks:
+            block.compile(**{"dynamic": True, **options})
+        return self
+
     @property
     def class_names(self) -> list[str] | None:
         return None if self.manifest is None else self.manifest.get("class_names")
@@ -144,9 +154,9 @@ class EarlyExitModel(nn.Module):
         # the same product as StackedHeads.im_logits, so that a row gives the same float32 logits
         return torch.addmm(self._buffers[f"im_bias_{l}"], _as_cached(z), self._buffers[f"im_weight_{l}"])
 
-    def _exit_head(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _exit_head(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple:
         """IM l, its gate and eq. 4 for the samples in flight: z (B, D_l) -> (logits (B, K), leaving (B,) bool, the
-        number leaving). On the CPU one call of _exit_head_kernel; elsewhere _exit_head_torch."""
+        number leaving). On the CPU one call of _exit_head_kernel (numpy arrays out); elsewhere _exit_head_torch."""
         if z.device.type != "cpu":
             return self._exit_head_torch(l, z, rule)
         if self._arrays is None:   # numpy views of the parameters, made once (_apply drops them)
@@ -154,9 +164,9 @@ class EarlyExitModel(nn.Module):
                             [self._buffers[f"im_bias_{l}"].numpy()[0] for l in range(len(self._im_dims))],
                             self.gate_weight.numpy(), self.gate_bias.numpy())
         weights, biases, gate_weight, gate_bias = self._arrays
-        logits, leaving, n_leaving = _exit_head_kernel(z.numpy(), weights[l], biases[l], gate_weight, gate_bias, l,
-                                                       *rule.views(), np.float32(rule.threshold))
-        return torch.from_numpy(logits), torch.from_numpy(leaving), n_leaving
+        # numpy out: the caller makes tensors of them (torch.as_tensor, no copy) only when samples leave
+        return _exit_head_kernel(z.numpy(), weights[l], biases[l], gate_weight, gate_bias, l, *rule.views(),
+                                 np.float32(rule.threshold))
 
     def _exit_head_torch(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple[torch.Tensor, torch.Tensor, int]:
         logits = self._im(l, z)
@@ -191,6 +201,7 @@ class EarlyExitModel(nn.Module):
             logits, leaving, n_leaving = self._exit_head(l, bb.represent(l, state).contiguous(), rule)
             if n_leaving == 0:
                 continue
+            logits, leaving = torch.as_tensor(logits), torch.as_tensor(leaving)
             if n_leaving == logits.shape[0]:    # all that were left leave here (batch 1: always)
                 _put(logits_out, alive, logits)
                 _put(exit_out, alive, l)

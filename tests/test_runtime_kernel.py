@@ -60,10 +60,41 @@ def test_kernel_equals_torch_steps(model, threshold):
     exits = []
     for l in range(model.num_exits - 1):
         z = torch.randn(n, model.backbone.exit_dims[l], generator=gen) * torch.logspace(-1, 1.5, n)[:, None]
-        logits, leaving, n_leaving = model._exit_head(l, z, kernel_rule)
+        logits, leaving, n_leaving = model._exit_head(l, z, kernel_rule)            # numpy arrays on the CPU
+        logits, leaving = torch.as_tensor(logits), torch.as_tensor(leaving)
         ref_logits, ref_leaving, ref_n = model._exit_head_torch(l, z, torch_rule)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(leaving, ref_leaving) and n_leaving == ref_n
         torch.testing.assert_close(kernel_rule.mass, torch_rule.mass, rtol=0, atol=1e-6)
         exits.append(n_leaving)
     assert sum(e > 0 for e in exits) >= 2, exits     # samples leave at several exits
+
+
+def test_channels_last(model):
+    """A CNN backbone in channels_last (model.to(memory_format=...)) runs the same early-exit network: the same
+    exits and predictions as contiguous memory on these inputs, logits to float32 rounding (oneDNN picks other
+    convolution kernels, so bits may differ: an exit sitting on its threshold could move)."""
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 3
+    ref = model(x)
+    try:
+        out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    assert torch.equal(out.exit_index, ref.exit_index) and torch.equal(out.prediction, ref.prediction)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks(model):
+    """compile_blocks: every block under torch.compile (dynamic batch), the exits and predictions of eager mode
+    at batch 24 and batch 1 (the batch shrinks as samples leave: no recompilation per size)."""
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 3
+    ref = model(x)
+    try:
+        out = model.compile_blocks()(x)
+        single = model(x[:1])
+    finally:   # back to eager for the other tests of the module
+        for block in model.backbone.blocks:
+            block._compiled_call_impl = None
+    assert torch.equal(out.exit_index, ref.exit_index) and torch.equal(out.prediction, ref.prediction)
+    assert int(single.exit_index) == int(ref.exit_index[0])
