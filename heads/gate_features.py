@@ -23,8 +23,9 @@ practice). That is what lets the runtime (heads/runtime.py: torch ops on a few r
 simulation (this kernel on the whole cache) took. The order matters: the entropy of q is a difference of two
 near-equal terms for a confident IM, and a sum in another order changed about 0.1 % of those values.
 
-Thread pools. The parallel kernel is for many rows; below PARALLEL_ROWS the same code runs compiled without
-prange, so a small batch never waits for the pool (heads/cpu.py: why a pool round trip can cost milliseconds).
+Thread pools. The parallel kernel is for large inputs; below PARALLEL_ELEMENTS probabilities the same row code runs
+compiled without prange, so a small batch never waits for the pool (heads/cpu.py: why a launch can cost a
+scheduler tick on a busy machine, which the serial kernel needs a million probabilities to spend).
 """
 import numba
 import numpy as np
@@ -35,7 +36,7 @@ from heads import cpu
 cpu.configure()   # numba on torch's OpenMP threads, denormals flushed: before the first parallel launch
 
 FEATURE_NAMES = ("max_prob", "entropy", "entropy_pow", "margin")
-PARALLEL_ROWS = 4096   # rows from which the parallel kernel's launch pays for itself (bench/README.md)
+PARALLEL_ELEMENTS = 1 << 20   # probabilities from which a parallel launch can pay for itself (bench/README.md)
 
 
 @numba.njit(inline="always")
@@ -91,7 +92,7 @@ def gate_features_numpy(probs: np.ndarray) -> np.ndarray:
     dtype = np.float32 if probs.dtype == np.float32 else np.float64
     flat = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]), dtype=dtype)
     out = np.empty((flat.shape[0], 4), dtype=dtype)
-    if flat.shape[0] >= PARALLEL_ROWS:
+    if flat.size >= PARALLEL_ELEMENTS:
         cpu.match_torch_threads()
         _features_parallel(flat, out)
     else:
