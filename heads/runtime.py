@@ -7,33 +7,39 @@
 How a batch runs: stem, then block by block. After block l < L the samples still in flight get exit l's
 representation, IM and gate, P(G=l|x) from their gates so far (eqs. 7-8) and the decision of eq. 4 (P(E^l|x) >
 threshold); the samples that exit leave the batch (index_select on the state, token sequences and feature maps
-alike) and the loop stops as soon as none are left.
-
-Speed: the work per exit is the IM's product, a softmax and ExitRule.step_gate (on the CPU one serial kernel for
-the gate statistics, the gate and eq. 4: no thread-pool launch, no temporaries), plus one host sync to learn
-whether the batch shrinks, so that at batch 1 it costs little next to a backbone block; calibrated probabilities
-and conformal sets are computed once per call. bench/runtime_speed.py measures the runtime against the blocks
-alone, run up to each sample's exit. Exit L is the backbone's own head, or the trained last IM when
+alike) and the loop stops as soon as none are left. Exit L is the backbone's own head, or the trained last IM when
 the cache's head was not the task's.
+
+Speed: after a block the work is the exit's representation (a pooling or a norm) and, on the CPU, one serial numba
+call, _exit_head_kernel (float16 rounding, IM, softmax, gate statistics, gate, eq. 4 on the running gate sum of
+exits.ExitRule): no thread-pool launch, no tensor temporaries, one decision on the host whether the batch
+shrinks. At batch 1 every call costs microseconds and a dozen tensor ops per exit were a large part of a small
+CNN block. Calibrated probabilities and conformal sets are computed once per call. Other devices run the same
+steps as torch ops (_exit_head_torch). bench/runtime_speed.py measures the runtime against the blocks alone, run
+up to each sample's exit.
 
 Identical to the simulation. Stage two (heads/sweep.py) computes every exit of every sample from the cache and
 picks the exit afterwards; here the same numbers must come out of the live backbone. Three things make them agree:
 - Rounding: the cache stores representations and backbone logits as float16 (extract/run.py). The live backbone
   computes float32, so every representation (and the backbone head's logits) is rounded to float16 and back
-  before the IM reads it, exactly as the cache did. Without that, a gate near its threshold or two near-equal
-  logits could decide differently from what the run's evaluation recorded.
-- The same arithmetic: the IM is the same addmm as StackedHeads.im_logits; the gate statistics are the float32
-  values of heads.gate_features' kernel the simulation used, the gate is StackedHeads.gate_logits' product and
-  sigmoid, and P(G|x), P(E^l|x) are exits.ExitRule, the arithmetic of exit_distribution and exit_probabilities on
-  the gates seen so far (the first l entries of P(G|x) only depend on the first l gates).
+  before the IM reads it, exactly as the cache did (the kernel's _round_to_half is x.half().float(), tested bit
+  for bit). Without that, a gate near its threshold or two near-equal logits could decide differently from what
+  the run's evaluation recorded.
+- The same arithmetic: the gate statistics are those of heads.gate_features' kernel, which the simulation used;
+  the gate is StackedHeads.gate_logits' sum of products (in its order) and sigmoid; P(G|x) and P(E^l|x) are
+  exits.ExitRule, the arithmetic of exit_distribution and exit_probabilities on the gates seen so far (the first l
+  entries of P(G|x) only depend on the first l gates). The kernel's IM product and softmax sum in their own
+  order, not BLAS's and torch's: the logits can differ from StackedHeads.im_logits' in float32 last bits.
 - The same calibration: temperature and conformal thresholds are fitted on V2 of the run's cache with
   heads.evaluate.calibrate, from the exits the simulation takes at this threshold.
 What can still differ, at float-rounding level: the backbone's float32 output of a sample may depend on the batch
-it runs in (BLAS / oneDNN blocking), which can move a feature across a float16 rounding boundary; and P(E^l|x)
+it runs in (BLAS / oneDNN blocking), which can move a feature across a float16 rounding boundary; the logits'
+last bits (above); and P(E^l|x)
 in the simulation divides by the exit mass left as summed over the later exits, here as P(G=l|x) + what the
 earlier gates and this one leave; and torch's sigmoid over a whole split uses a vectorised exp that can differ in
-the last bit from the scalar one of a small batch (ExitRule). Each changes a decision only when a gate sits
-within ~1e-7 of the threshold or two logits tie to ~1e-7.
+the last bit from the scalar one of a small batch. Each changes a decision only when a gate sits within ~1e-7 of
+the threshold or two logits tie to ~1e-7: on the 10,000 test images of two demo-cache runs none did
+(bench/runtime_check.py, bench/README.md).
 A cache extracted on a GPU under autocast (manifest "precision") holds lower-precision features than the float32
 runtime computes: predictions then agree statistically, not sample for sample.
 """
@@ -134,9 +140,16 @@ class EarlyExitModel(nn.Module):
         """torch.compile each backbone block (dynamic batch size: the batch shrinks as samples leave); the exit
         logic stays eager. torch.compile(model) itself runs, but breaks its graph at every exit (the numba kernel,
         the host decision whether the batch shrinks) and recompiles the block method per exit index until dynamo's
-        recompile limit sends the rest back to eager: compile the blocks instead. Compiled blocks round float32
-        differently from eager ones, so exits then match the simulation statistically, not sample for sample."""
-        for block in self.backbone.blocks:
+        recompile limit sends the rest back to eager: compile the blocks instead. This raises dynamo's (process-wide)
+        recompile_limit to fit the blocks. Compiled blocks round float32 differently from eager ones, so exits then
+        match the simulation statistically, not sample for sample."""
+        import torch._dynamo
+
+        blocks = self.backbone.blocks
+        # blocks of one class share one forward code object, and dynamo counts recompilations per code object:
+        # room for one graph per block, and another for batch 1 (a dynamic batch still specialises size 1)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 2)
+        for block in blocks:
             block.compile(**{"dynamic": True, **options})
         return self
 
