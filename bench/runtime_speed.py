@@ -208,23 +208,21 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone blocks (EarlyExitModel.compile_blocks) for all three")
     p.add_argument("--cache", default=None, help="where the run's cache is now, if it moved")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # measure here, in this process
     args = p.parse_args(argv)
     if args.run is not None and args.lam is None:
         p.error("--run needs --lam (the selected model nearest that lambda)")
     if min(args.images, args.single, args.repeats) < 1:
         p.error("--images, --single and --repeats must be >= 1")
-    if args.omp != "both":
-        if os.environ.get("OMP_NUM_THREADS") != THREAD_CONFIGS[args.omp]:
-            raise SystemExit(f"--omp {args.omp}: OMP_NUM_THREADS is {os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-                             "use --omp both (the default) to have this script set it")
+    if args.child:
         measure(args)
         return
     argv = list(sys.argv[1:] if argv is None else argv)
-    for config, value in THREAD_CONFIGS.items():
+    for config in (THREAD_CONFIGS if args.omp == "both" else [args.omp]):
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-        if value is not None:
-            env["OMP_NUM_THREADS"] = value
-        subprocess.run([sys.executable, __file__, *argv, "--omp", config], env=env, check=True)
+        if THREAD_CONFIGS[config] is not None:
+            env["OMP_NUM_THREADS"] = THREAD_CONFIGS[config]
+        subprocess.run([sys.executable, __file__, *argv, "--child"], env=env, check=True)
         print()
 
 
