@@ -72,6 +72,11 @@ class ExitBackbone(nn.Module, abc.ABC):
     def num_exits(self) -> int:
         return len(self._blocks)
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The block modules, exit by exit (what block(l, state) runs)."""
+        return list(self._blocks)
+
     def train(self, mode: bool = True):
         # Frozen means frozen: BatchNorm statistics and dropout stay in inference mode whatever the caller asks.
         return super().train(False)

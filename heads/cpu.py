@@ -2,12 +2,19 @@
 flushes denormal floats to zero.
 
     from heads import cpu
-    cpu.configure()        # done on import of heads.gate_features; idempotent
+    cpu.configure()             # done on import of heads.gate_features; idempotent
+    cpu.match_torch_threads()   # before a parallel kernel: numba runs as many threads as torch does now
 
 Shared threads: numba's OpenMP layer loads libgomp.so.1, the copy torch already loaded, so both share one thread
 pool. With numba's own pool (workqueue) torch's idle OpenMP threads spin after every torch op while numba's threads
 want the same cores: on 2 cores the training step measured ~25 % slower. numba's pool start-up sets OpenMP's thread
 count to numba's; it is started here, once, and torch's count restored.
+
+Equal thread counts. A parallel numba kernel runs numba's thread count (by default every core), whatever
+torch.set_num_threads or OMP_NUM_THREADS said. With torch on one thread the other pool threads sleep, and every
+kernel launch then waits until a sleeping thread is woken and scheduled: on a busy machine a whole scheduler tick,
+milliseconds for a kernel of microseconds (bench/README.md has the figures). match_torch_threads, called before
+each parallel launch, gives numba torch's current count, so one torch thread means a launch on the calling thread.
 
 Denormals: a confident IM puts probabilities below 1.2e-38 (logit gaps > 87), its softmax, logit gradient and the
 products that consume them are then denormal, and x86 handles those in microcode. Measured on this project's 2-core
@@ -77,6 +84,13 @@ def flush_denormals() -> bool:
     if _X86:
         _flush_on_every_thread(np.zeros(64 * max(numba.get_num_threads(), torch.get_num_threads()), np.int8))
     return True
+
+
+def match_torch_threads() -> None:
+    """numba's thread count (for launches from this thread) := torch's, capped at the pool numba started."""
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
 
 
 def configure() -> None:

@@ -2,11 +2,14 @@
 
     p_g = exit_distribution(g)                 # gates g^1..g^{L-1} in [0, 1] -> P(G = l | x), l = 1..L
     exit_index = exit_decision(p_g)            # 0-based exit each sample takes (first P(E^l | x) > 0.5)
+    leaving = ExitRule(n, 0.5).step(g_l)       # the same decision one exit at a time (the runtime), see ExitRule
     costs = exit_costs(ce, lam, ic_norm)       # C^l = CE + lam IC_norm^l per trial, sample and exit
     t = gate_targets(costs, rule="subsequent") # binary targets of gates 1..L-1 from per-exit costs C^l
 
 All three work on any leading batch shape (trials, samples, ...); the exit axis is the last one.
 """
+import numba
+import numpy as np
 import torch
 
 TARGET_RULES = ("subsequent", "ifmin")
@@ -55,6 +58,69 @@ def exit_decision(p_g: torch.Tensor, threshold: float = 0.5, sample: bool = Fals
     fire[..., -1] = True
     # argmax over a bool tensor returns the first True
     return torch.argmax(fire.to(torch.uint8), dim=-1)
+
+
+class ExitRule:
+    """exit_decision one exit at a time, for inference: which of the samples still in flight leave at exit l, from
+    their gate g^l and the running sum of their earlier gates only.
+
+        rule = ExitRule(n, threshold)
+        leaving = rule.step(g)      # (B,) gates of the samples in flight -> (B,) bool
+        rule.keep(rows)             # only these samples stay in flight
+
+    Same numbers as exit_decision(exit_distribution(g^1..g^l)) on the gates seen so far (entries 0..l of P(G|x)
+    need nothing later, and the entry after them is the mass still left), with the same float arithmetic: the
+    running sum accumulates in float64 and is rounded per exit, as torch.cumsum does for float32 on the CPU;
+    P(G=l|x) = min(g^l, 1 - S_{l-1}) clamped at 0 (eqs. 7-8); P(E^l|x) = P(G=l|x) / (P(G=l|x) + max(1 - S_l, 0))
+    (eq. 4, the division exit_probabilities makes). exit_decision over all L-1 gates sums the mass left over the
+    later exits instead, which can differ in the last bit: a decision differs only for a gate within ~1e-7 of the
+    threshold. exit_rule_row is the same arithmetic for one sample, in numba (heads/runtime.py's kernel).
+    """
+
+    def __init__(self, n: int, threshold: float = 0.5, device=None):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"exit threshold must lie in [0, 1], got {threshold}")
+        self.threshold = float(threshold)
+        self._views = None   # numpy views of mass and left on the CPU (views())
+        if device is None or torch.device(device).type == "cpu":
+            self._views = (np.zeros(n), np.ones(n, dtype=np.float32))
+            self.mass, self.left = torch.from_numpy(self._views[0]), torch.from_numpy(self._views[1])
+        else:
+            self.mass = torch.zeros(n, dtype=torch.float64, device=device)   # sum of the gates passed, float64
+            self.left = torch.ones(n, device=device)                         # 1 - that sum in float32
+
+    @property
+    def can_exit(self) -> bool:
+        """False at threshold 1: P(E^l|x) <= 1 never exceeds it, so every sample runs to the last exit."""
+        return self.threshold < 1.0
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 gate outputs g^l of the samples in flight -> (B,) bool, True for those leaving at l.
+        While can_exit, the mass left, P(G=l|x) + max(1 - S_l, 0), is > 0 for every sample still in flight (the
+        exit where the sum reaches 1 has P(E^l|x) = 1 and lets the sample go), so the division is safe."""
+        p_here = torch.minimum(g, self.left).clamp_min_(0.0)
+        self.mass.add_(g)
+        self.left.copy_(1.0 - self.mass.float())   # in place: views of mass and left stay valid
+        return p_here / (p_here + self.left.clamp_min(0.0)) > self.threshold
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.mass, self.left = self.mass[rows], self.left[rows]
+        self._views = None
+
+    def views(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views of (mass, left) of CPU tensors, for a kernel that updates them with exit_rule_row."""
+        if self._views is None:
+            self._views = (self.mass.numpy(), self.left.numpy())
+        return self._views
+
+
+@numba.njit(inline="always")
+def exit_rule_row(g, mass, left, i, threshold):
+    """ExitRule.step for sample i in numba: float32 g and threshold, float64 mass[i], float32 left[i] (updated)."""
+    p_here = max(min(g, left[i]), np.float32(0.0))
+    mass[i] += np.float64(g)
+    left[i] = np.float32(1.0) - np.float32(mass[i])
+    return p_here / (p_here + max(left[i], np.float32(0.0))) > threshold
 
 
 def exit_costs(ce: torch.Tensor, lam: torch.Tensor, ic_norm: torch.Tensor) -> torch.Tensor:

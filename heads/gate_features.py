@@ -1,6 +1,6 @@
 """The four uncertainty statistics a JEI-DNN gate reads from its IM's softmax (appendix 9.9).
 
-    feats = gate_features_numpy(probs)   # (..., K) numpy -> (..., 4), numba kernel, parallel over rows
+    feats = gate_features_numpy(probs)   # (..., K) numpy -> (..., 4), numba kernel (parallel over many rows)
     feats = gate_features(probs)         # a tensor: the numba kernel on CPU without gradient, else torch
     feats = gate_features_torch(probs)   # (..., K) tensor -> (..., 4), differentiable, on the tensor's device
 
@@ -14,6 +14,18 @@ Sign of the entropies: appendix 9.9 writes h = sum_k p_k log p_k, which is minus
 standard non-negative entropy -sum p log p. For a gate `Linear(4, 1)` the sign only flips the learned weight, so
 the model class is identical; the non-negative form is what a reader expects when plotting or logging it.
 0 log 0 = 0 in both paths, and the torch path keeps finite gradients at p = 0.
+
+One set of numbers. The two paths use the same formulas in the same float64 arithmetic (the entropy of q from
+sum p^2 and sum p^2 log p, the margin as a float64 difference), add the K terms in the same order and round once
+to the input's dtype, so on the CPU they give the same float32 statistics bit for bit (tests/test_gate_features.py;
+torch's vectorised log and the kernel's may differ in a float64 last bit, which the float32 rounding absorbs in
+practice). That is what lets the runtime (heads/runtime.py: torch ops on a few rows) take the exits the
+simulation (this kernel on the whole cache) took. The order matters: the entropy of q is a difference of two
+near-equal terms for a confident IM, and a sum in another order changed about 0.1 % of those values.
+
+Thread pools. The parallel kernel is for large inputs; below PARALLEL_ELEMENTS probabilities the same row code runs
+compiled without prange, so a small batch never waits for the pool (heads/cpu.py: why a launch can cost a
+scheduler tick on a busy machine, which the serial kernel needs a million probabilities to spend).
 """
 import numba
 import numpy as np
@@ -24,35 +36,48 @@ from heads import cpu
 cpu.configure()   # numba on torch's OpenMP threads, denormals flushed: before the first parallel launch
 
 FEATURE_NAMES = ("max_prob", "entropy", "entropy_pow", "margin")
+PARALLEL_ELEMENTS = 1 << 20   # probabilities from which a parallel launch can pay for itself (bench/README.md)
 
 
+@numba.njit(inline="always")
+def row_features(probs, i, out):
+    """out[i] = the four statistics of probs[i] (numba; the kernels here and heads.exits.ExitRule share it)."""
+    top1 = -1.0
+    top2 = -1.0
+    ent = 0.0
+    sq = 0.0
+    sq_log = 0.0  # sum p^2 log p, for the temperature-0.5 entropy without a second array
+    for j in range(probs.shape[1]):
+        p = np.float64(probs[i, j])
+        if p > top1:
+            top2 = top1
+            top1 = p
+        elif p > top2:
+            top2 = p
+        if p > 0.0:
+            lp = np.log(p)
+            ent -= p * lp
+            sq += p * p
+            sq_log += p * p * lp
+    # q = p^2/S  =>  -sum q log q = log S - (2/S) sum p^2 log p
+    ent_pow = np.log(sq) - 2.0 * sq_log / sq if sq > 0.0 else 0.0
+    out[i, 0] = top1
+    out[i, 1] = ent
+    out[i, 2] = ent_pow
+    out[i, 3] = top1 - top2
+
+
+# the same row code (no fastmath: LLVM keeps its order of operations) over the rows in parallel, or in turn
 @numba.njit(parallel=True, cache=True)
-def _features_kernel(probs, out):
-    n, k = probs.shape
-    for i in numba.prange(n):
-        top1 = -1.0
-        top2 = -1.0
-        ent = 0.0
-        sq = 0.0
-        sq_log = 0.0  # sum p^2 log p, for the temperature-0.5 entropy without a second array
-        for j in range(k):
-            p = np.float64(probs[i, j])
-            if p > top1:
-                top2 = top1
-                top1 = p
-            elif p > top2:
-                top2 = p
-            if p > 0.0:
-                lp = np.log(p)
-                ent -= p * lp
-                sq += p * p
-                sq_log += p * p * lp
-        # q = p^2/S  =>  -sum q log q = log S - (2/S) sum p^2 log p
-        ent_pow = np.log(sq) - 2.0 * sq_log / sq if sq > 0.0 else 0.0
-        out[i, 0] = top1
-        out[i, 1] = ent
-        out[i, 2] = ent_pow
-        out[i, 3] = top1 - top2
+def _features_parallel(probs, out):
+    for i in numba.prange(probs.shape[0]):
+        row_features(probs, i, out)
+
+
+@numba.njit(cache=True)
+def _features_serial(probs, out):
+    for i in range(probs.shape[0]):
+        row_features(probs, i, out)
 
 
 def _check_probs(shape) -> None:
@@ -67,23 +92,32 @@ def gate_features_numpy(probs: np.ndarray) -> np.ndarray:
     dtype = np.float32 if probs.dtype == np.float32 else np.float64
     flat = np.ascontiguousarray(probs.reshape(-1, probs.shape[-1]), dtype=dtype)
     out = np.empty((flat.shape[0], 4), dtype=dtype)
-    _features_kernel(flat, out)
+    if flat.size >= PARALLEL_ELEMENTS:
+        cpu.match_torch_threads()
+        _features_parallel(flat, out)
+    else:
+        _features_serial(flat, out)
     return out.reshape(probs.shape[:-1] + (4,))
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    # log of 1 where p == 0: the term is 0 and so is its gradient (a clamp would leave a log(eps) gradient).
-    safe = torch.where(p > 0, p, torch.ones_like(p))
-    return -(p * torch.log(safe)).sum(-1)
+def _sum_in_order(terms: torch.Tensor) -> torch.Tensor:
+    # torch.cumsum adds left to right on the CPU, the kernel's order (a plain sum's vectorised order is not)
+    return torch.cumsum(terms, dim=-1)[..., -1]
 
 
 def gate_features_torch(probs: torch.Tensor) -> torch.Tensor:
-    """(..., K) probabilities -> (..., 4), the same statistics as gate_features_numpy, differentiable."""
+    """(..., K) probabilities -> (..., 4), the same statistics as gate_features_numpy (the kernel's formulas and
+    order in float64, module docstring), differentiable."""
     _check_probs(probs.shape)
-    top2 = torch.topk(probs, 2, dim=-1).values
-    sq = probs * probs
-    q = sq / sq.sum(-1, keepdim=True)
-    return torch.stack([top2[..., 0], _entropy(probs), _entropy(q), top2[..., 0] - top2[..., 1]], dim=-1)
+    p = probs.double()
+    top2 = torch.topk(p, 2, dim=-1).values
+    # log of 1 where p == 0: the term is 0 and so is its gradient (a clamp would leave a log(eps) gradient)
+    log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
+    sq = p * p
+    s = _sum_in_order(sq)
+    ent_pow = torch.log(s) - 2.0 * _sum_in_order(sq * log_p) / s
+    feats = torch.stack([top2[..., 0], -_sum_in_order(p * log_p), ent_pow, top2[..., 0] - top2[..., 1]], dim=-1)
+    return feats.to(probs.dtype)
 
 
 def gate_features(probs: torch.Tensor) -> torch.Tensor:

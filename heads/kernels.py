@@ -26,6 +26,7 @@ import numba
 import numpy as np
 import torch
 
+from heads import cpu
 from heads.gate_features import gate_features_torch  # also puts numba on torch's OpenMP threads
 
 
@@ -85,6 +86,7 @@ def softmax_stats(z: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, feats:
     and pred (T, B, L) int32 each exit's argmax when given. numba on CPU, torch elsewhere."""
     if z.device.type == "cpu":
         dummy = pred if pred is not None else torch.empty((1, 1, 1), dtype=torch.int32)
+        cpu.match_torch_threads()
         _stats_kernel(z.numpy(), p.numpy(), labels.numpy(), feats.numpy(), ce.numpy(), dummy.numpy(),
                       pred is not None)
         return
@@ -120,6 +122,7 @@ def weighted_ce_grad(p: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor) 
     """In place, p[l, b, t] <- coef[t, b, l] * (p[l, b, t] - onehot(labels[b])): the gradient of
     sum coef * CE with respect to the logits, for p: (L', B, T, K) softmax probabilities, coef: (T, B, >= L')."""
     if p.device.type == "cpu":
+        cpu.match_torch_threads()
         _grad_kernel(p.numpy(), labels.numpy(), coef.contiguous().numpy())
         return
     weighted_ce_grad_torch(p, labels, coef)
@@ -155,6 +158,7 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     eps = eps0 sqrt(1-b2^t) give torch.optim.Adam's m_hat / (sqrt(v_hat) + eps0)."""
     if p.device.type == "cpu":
         f32 = np.float32
+        cpu.match_torch_threads()
         _adam_kernel(p.numpy(), g.numpy(), m.numpy(), v.numpy(), lr_col.numpy(), wd_col.numpy(), f32(b1), f32(b2),
                      f32(eps))
         return

@@ -10,21 +10,36 @@ threshold); the samples that exit leave the batch (index_select on the state, to
 alike) and the loop stops as soon as none are left. Exit L is the backbone's own head, or the trained last IM when
 the cache's head was not the task's.
 
+Speed: after a block the work is the exit's representation (a pooling or a norm) and, on the CPU, one serial numba
+call, _exit_head_kernel (float16 rounding, IM, softmax, gate statistics, gate, eq. 4 on the running gate sum of
+exits.ExitRule): no thread-pool launch, no tensor temporaries, one decision on the host whether the batch
+shrinks. At batch 1 every call costs microseconds and a dozen tensor ops per exit were a large part of a small
+CNN block. Calibrated probabilities and conformal sets are computed once per call. Other devices run the same
+steps as torch ops (_exit_head_torch). bench/runtime_speed.py measures the runtime against the blocks alone, run
+up to each sample's exit.
+
 Identical to the simulation. Stage two (heads/sweep.py) computes every exit of every sample from the cache and
 picks the exit afterwards; here the same numbers must come out of the live backbone. Three things make them agree:
 - Rounding: the cache stores representations and backbone logits as float16 (extract/run.py). The live backbone
   computes float32, so every representation (and the backbone head's logits) is rounded to float16 and back
-  before the IM reads it, exactly as the cache did. Without that, a gate near its threshold or two near-equal
-  logits could decide differently from what the run's evaluation recorded.
-- The same arithmetic: the IM is the same addmm as StackedHeads.im_logits, the gate statistics the same kernels
-  (numba on CPU, torch elsewhere), P(G|x) the same exits.exit_distribution on the gates seen so far (its first l
-  entries only depend on the first l gates) and P(E^l|x) the same exits.exit_probabilities.
+  before the IM reads it, exactly as the cache did (the kernel's _round_to_half is x.half().float(), tested bit
+  for bit). Without that, a gate near its threshold or two near-equal logits could decide differently from what
+  the run's evaluation recorded.
+- The same arithmetic: the gate statistics are those of heads.gate_features' kernel, which the simulation used;
+  the gate is StackedHeads.gate_logits' sum of products (in its order) and sigmoid; P(G|x) and P(E^l|x) are
+  exits.ExitRule, the arithmetic of exit_distribution and exit_probabilities on the gates seen so far (the first l
+  entries of P(G|x) only depend on the first l gates). The kernel's IM product and softmax sum in their own
+  order, not BLAS's and torch's: the logits can differ from StackedHeads.im_logits' in float32 last bits.
 - The same calibration: temperature and conformal thresholds are fitted on V2 of the run's cache with
   heads.evaluate.calibrate, from the exits the simulation takes at this threshold.
 What can still differ, at float-rounding level: the backbone's float32 output of a sample may depend on the batch
-it runs in (BLAS / oneDNN blocking), which can move a feature across a float16 rounding boundary; and P(E^l|x)
-in the simulation divides by the exit mass left as summed over the later exits, here as 1 - (mass of the earlier
-exits). Either changes a decision only when a gate sits within ~1e-7 of the threshold or two logits tie to ~1e-7.
+it runs in (BLAS / oneDNN blocking), which can move a feature across a float16 rounding boundary; the logits'
+last bits (above); and P(E^l|x)
+in the simulation divides by the exit mass left as summed over the later exits, here as P(G=l|x) + what the
+earlier gates and this one leave; and torch's sigmoid over a whole split uses a vectorised exp that can differ in
+the last bit from the scalar one of a small batch. Each changes a decision only when a gate sits within ~1e-7 of
+the threshold or two logits tie to ~1e-7: on the 10,000 test images of two demo-cache runs none did
+(bench/runtime_check.py, bench/README.md).
 A cache extracted on a GPU under autocast (manifest "precision") holds lower-precision features than the float32
 runtime computes: predictions then agree statistically, not sample for sample.
 """
@@ -33,14 +48,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from torch import nn
 
 from heads import rundir
 from heads.evaluate import Calibration, ExitOutputs, calibrate, predict_with_sets
-from heads.exits import exit_decision, exit_distribution, exit_probabilities
-from heads.gate_features import gate_features
+from heads.exits import ExitRule, exit_decision, exit_distribution, exit_rule_row
+from heads.gate_features import gate_features_torch, row_features
 from heads.metrics import CONFORMAL_METHODS
 from heads.model import StackedHeads
 
@@ -113,10 +129,29 @@ class EarlyExitModel(nn.Module):
         self.register_buffer("gate_weight", heads.gate_weight.detach()[0].clone())   # (L-1, 4)
         self.register_buffer("gate_bias", heads.gate_bias.detach()[0].clone())       # (L-1,)
         self.trains_last = heads.trains_last
+        self._im_dims = heads.exit_dims
+        self._arrays = None
 
     @property
     def num_exits(self) -> int:
         return self.backbone.num_exits
+
+    def compile_blocks(self, **options) -> "EarlyExitModel":
+        """torch.compile each backbone block (dynamic batch size: the batch shrinks as samples leave); the exit
+        logic stays eager. torch.compile(model) itself runs, but breaks its graph at every exit (the numba kernel,
+        the host decision whether the batch shrinks) and recompiles the block method per exit index until dynamo's
+        recompile limit sends the rest back to eager: compile the blocks instead. This raises dynamo's (process-wide)
+        recompile_limit to fit the blocks. Compiled blocks round float32 differently from eager ones, so exits then
+        match the simulation statistically, not sample for sample."""
+        import torch._dynamo
+
+        blocks = self.backbone.blocks
+        # blocks of one class share one forward code object, and dynamo counts recompilations per code object:
+        # room for one graph per block, and another for batch 1 (a dynamic batch still specialises size 1)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 2)
+        for block in blocks:
+            block.compile(**{"dynamic": True, **options})
+        return self
 
     @property
     def class_names(self) -> list[str] | None:
@@ -130,12 +165,31 @@ class EarlyExitModel(nn.Module):
     # ---- one exit ---------------------------------------------------------------------------------------------
     def _im(self, l: int, z: torch.Tensor) -> torch.Tensor:
         # the same product as StackedHeads.im_logits, so that a row gives the same float32 logits
-        return torch.addmm(getattr(self, f"im_bias_{l}"), _as_cached(z), getattr(self, f"im_weight_{l}"))
+        return torch.addmm(self._buffers[f"im_bias_{l}"], _as_cached(z), self._buffers[f"im_weight_{l}"])
 
-    def _gate(self, l: int, logits: torch.Tensor) -> torch.Tensor:
-        """g^l = sigmoid(w . [4 softmax statistics] + b), as StackedHeads.gate_logits computes it."""
-        feats = gate_features(torch.softmax(logits, dim=-1))
-        return torch.sigmoid((feats * self.gate_weight[l]).sum(-1) + self.gate_bias[l])
+    def _exit_head(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple:
+        """IM l, its gate and eq. 4 for the samples in flight: z (B, D_l) -> (logits (B, K), leaving (B,) bool, the
+        number leaving). On the CPU one call of _exit_head_kernel (numpy arrays out); elsewhere _exit_head_torch."""
+        if z.device.type != "cpu":
+            return self._exit_head_torch(l, z, rule)
+        if self._arrays is None:   # numpy views of the parameters, made once (_apply drops them)
+            self._arrays = ([self._buffers[f"im_weight_{l}"].numpy() for l in range(len(self._im_dims))],
+                            [self._buffers[f"im_bias_{l}"].numpy()[0] for l in range(len(self._im_dims))],
+                            self.gate_weight.numpy(), self.gate_bias.numpy())
+        weights, biases, gate_weight, gate_bias = self._arrays
+        # numpy out: the caller makes tensors of them (torch.as_tensor, no copy) only when samples leave
+        return _exit_head_kernel(z.numpy(), weights[l], biases[l], gate_weight, gate_bias, l, *rule.views(),
+                                 np.float32(rule.threshold))
+
+    def _exit_head_torch(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple[torch.Tensor, torch.Tensor, int]:
+        logits = self._im(l, z)
+        feats = gate_features_torch(torch.softmax(logits, dim=-1))
+        leaving = rule.step(torch.sigmoid((feats * self.gate_weight[l]).sum(-1) + self.gate_bias[l]))
+        return logits, leaving, int(leaving.sum())
+
+    def _apply(self, fn, *args, **kwargs):
+        self._arrays = None   # .to() / .float() / ... may replace the buffers the views point into
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- the early-exit forward pass ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,36 +200,39 @@ class EarlyExitModel(nn.Module):
         bb, last, n = self.backbone, self.num_exits - 1, x.shape[0]
         logits_out = torch.empty(n, self.backbone.num_classes, device=x.device)
         exit_out = torch.full((n,), last, dtype=torch.int64, device=x.device)
-        alive = torch.arange(n, device=x.device)            # original rows of the samples in flight
-        # g^1..g^l of the samples in flight: eqs. 7-8 need only their running sum, but keeping the few values lets
-        # exits.exit_distribution compute it with the very cumsum the simulation used
-        gates = torch.empty(n, 0, device=x.device)
+        alive = None                                        # original rows in flight (None: all, in order)
+        rule = ExitRule(n, self.threshold, device=x.device)  # eqs. 7-8 and 4 on the running sum of the gates
         state = bb.stem(x)
         for l in range(self.num_exits):
             state = bb.block(l, state)
             if l == last:
-                logits_out[alive] = (self._im(l, bb.represent(l, state)) if self.trains_last
-                                     else _as_cached(bb.classify(state)))
+                logits = self._im(l, bb.represent(l, state)) if self.trains_last else _as_cached(bb.classify(state))
+                _put(logits_out, alive, logits)
                 break
-            logits = self._im(l, bb.represent(l, state))
-            gates = torch.cat([gates, self._gate(l, logits)[:, None]], dim=1)
-            # eqs. 7-8 on the gates so far: entries 0..l of P(G|x) need nothing later; the entry after them is the
-            # mass still left, so exit_probabilities gives eq. 4's P(E^l|x) = P(G=l|x) / (1 - sum_{j<l} P(G=j|x))
-            p_exit = exit_probabilities(exit_distribution(gates))[:, l]
-            leaving = p_exit > self.threshold
-            if bool(leaving.any()):
-                logits_out[alive[leaving]] = logits[leaving]
-                exit_out[alive[leaving]] = l
-                stay = torch.nonzero(~leaving).squeeze(1)
-                alive, gates, state = alive[stay], gates[stay], state.index_select(0, stay)
-                if alive.numel() == 0:
-                    break
+            if not rule.can_exit:
+                continue
+            logits, leaving, n_leaving = self._exit_head(l, bb.represent(l, state).contiguous(), rule)
+            if n_leaving == 0:
+                continue
+            logits, leaving = torch.as_tensor(logits), torch.as_tensor(leaving)
+            if n_leaving == logits.shape[0]:    # all that were left leave here (batch 1: always)
+                _put(logits_out, alive, logits)
+                _put(exit_out, alive, l)
+                break
+            rows = torch.arange(n, device=x.device) if alive is None else alive
+            logits_out[rows[leaving]] = logits[leaving]
+            exit_out[rows[leaving]] = l
+            stay = torch.nonzero(~leaving).squeeze(1)
+            alive, state = rows[stay], state.index_select(0, stay)
+            rule.keep(stay)
+        # calibrated probabilities and conformal sets once, for the whole batch
         prediction, probs, sets = predict_with_sets(logits_out.cpu().numpy(), exit_out.cpu().numpy(),
                                                     self.calibration)
         device = x.device
         return EarlyExitOutput(torch.from_numpy(prediction).to(device), exit_out, logits_out,
                                torch.from_numpy(np.ascontiguousarray(probs)).to(device),
                                torch.from_numpy(sets).to(device))
+
 
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -211,6 +268,64 @@ class EarlyExitModel(nn.Module):
             warnings.warn(f"the cache's features were computed under {manifest['precision']}; the float32 runtime "
                           "matches its exits statistically, not sample for sample", stacklevel=2)
         return cls(backbone, heads, calibration, settings.threshold, manifest, trial).to(device)
+
+
+def _put(out: torch.Tensor, rows: torch.Tensor | None, values) -> None:
+    """out[rows] = values, where rows None means every row in order."""
+    if rows is None:
+        out[:] = values
+    else:
+        out[rows] = values
+
+
+@numba.njit(inline="always")
+def _round_to_half(x):
+    """float32 -> the nearest float16 (ties to even) -> float32, what x.half().float() gives: adding 2^(e+13) to
+    |x| in [2^(e-1), 2^e) leaves float32 a spacing of 2^(e-11), float16's there (2^-24 below 2^-14, its subnormals)."""
+    a = abs(x)
+    if not a < np.float32(65520.0):                   # rounds beyond float16's largest 65504 (or nan)
+        return x * np.float32(np.inf) if a == a else x
+    shift = np.float32(math.ldexp(1.0, max(math.frexp(np.float64(a))[1] - 1, -14) + 13))
+    return np.float32(math.copysign((a + shift) - shift, x))
+
+
+@numba.njit(cache=True, error_model="numpy")   # x / 0 gives inf or nan as in torch, instead of raising
+def _exit_head_kernel(z, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold):
+    """EarlyExitModel._exit_head on the CPU, serial (no thread pool): z rounded as the cache stored it, IM
+    logits, softmax, the gate statistics (heads.gate_features' row code), g^l and eq. 4 (heads.exits'
+    exit_rule_row), in float32 where torch computes float32. The product and the softmax sum in their own order
+    (a float32 last bit apart from torch's; see the module docstring on what that can change)."""
+    n, d = z.shape
+    k = im_weight.shape[1]
+    one = np.float32(1.0)
+    logits = np.zeros((n, k), np.float32)
+    probs = np.empty((n, k), np.float32)
+    feats = np.empty((n, 4), np.float32)
+    leaving = np.empty(n, np.bool_)
+    n_leaving = 0
+    for i in range(n):
+        for j in range(d):
+            zj = _round_to_half(z[i, j])
+            for c in range(k):
+                logits[i, c] += zj * im_weight[j, c]
+        top = logits[i, 0] + im_bias[0]
+        for c in range(k):
+            logits[i, c] += im_bias[c]
+            top = max(top, logits[i, c])
+        total = np.float32(0.0)
+        for c in range(k):
+            probs[i, c] = np.exp(logits[i, c] - top)
+            total += probs[i, c]
+        for c in range(k):
+            probs[i, c] /= total
+        row_features(probs, i, feats)
+        a = feats[i, 0] * gate_weight[l, 0]              # StackedHeads.gate_logits' sum, in its order
+        for j in range(1, 4):
+            a += feats[i, j] * gate_weight[l, j]
+        g = one / (one + np.exp(-(a + gate_bias[l])))     # torch.sigmoid's formula on a few elements
+        leaving[i] = exit_rule_row(g, mass, left, i, threshold)
+        n_leaving += leaving[i]
+    return logits, leaving, n_leaving
 
 
 # ---- helpers of from_run ---------------------------------------------------------------------------------------

@@ -5,7 +5,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numba
+import numpy as np
 import pytest
+import torch
+
+from heads import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +33,25 @@ def test_denormals_flushed_on_every_thread_after_import():
     before, after, layer, threads = out.stdout.split()
     assert int(before) == 1_000_000 and int(after) == 0
     assert layer == "omp" and threads == "2"
+
+
+@numba.njit(parallel=True)
+def _threads_used(marks):
+    for i in numba.prange(marks.shape[0]):
+        marks[i] = numba.get_thread_id()
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_parallel_kernels_run_torchs_thread_count(torch_threads):
+    """After cpu.match_torch_threads a parallel launch uses as many threads as torch (numba's pool permitting):
+    with one torch thread, no pool thread has to be woken."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(torch_threads)
+        cpu.match_torch_threads()
+        marks = np.full(10_000, -1, dtype=np.int64)
+        _threads_used(marks)
+        assert len(set(marks.tolist())) == min(torch_threads, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
+        cpu.match_torch_threads()

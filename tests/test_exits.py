@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from heads.exits import exit_decision, exit_distribution, exit_probabilities, gate_targets
+from heads.exits import ExitRule, exit_decision, exit_distribution, exit_probabilities, gate_targets
 
 
 def test_exit_distribution_hand_made():
@@ -85,3 +85,40 @@ def test_gate_targets_batched_and_errors():
         assert bool((t[has_gate].gather(-1, best[has_gate][:, None]) == 1).all())
     with pytest.raises(ValueError, match="rule"):
         gate_targets(costs, "sometimes")
+
+
+def _stepwise(g: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The runtime's loop: ExitRule over the exits, the samples that leave dropped from the batch."""
+    n, n_gates = g.shape
+    exits = torch.full((n,), n_gates, dtype=torch.int64)
+    rule, alive = ExitRule(n, threshold), torch.arange(n)
+    for l in range(n_gates):
+        if not rule.can_exit:
+            break
+        leaving = rule.step(g[alive, l])
+        exits[alive[leaving]] = l
+        stay = torch.nonzero(~leaving).squeeze(1)
+        alive = alive[stay]
+        rule.keep(stay)
+    return exits
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_exit_rule_equals_exit_decision(threshold):
+    """One exit at a time, the rule takes exit_decision's exits: gates spread over [0, 1], gates that are mostly
+    small (the sum crosses 1 late or never), and gates exactly 0 and 1."""
+    gen = torch.Generator().manual_seed(int(threshold * 10))
+    n, n_gates = 4000, 9
+    spread = torch.rand(n, n_gates, generator=gen)
+    small = torch.rand(n, n_gates, generator=gen) ** 4 * 0.5
+    hard = torch.randint(0, 2, (n, n_gates), generator=gen).float() * torch.rand(n, 1, generator=gen).round()
+    for g in (spread, small, hard):
+        expected = exit_decision(exit_distribution(g), threshold)
+        assert torch.equal(_stepwise(g, threshold), expected)
+    if 0.0 < threshold < 1.0:   # the samples really leave at several depths
+        assert len(set(_stepwise(small, threshold).tolist())) > 3
+
+
+def test_exit_rule_rejects_bad_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        ExitRule(3, 1.5)

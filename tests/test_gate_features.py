@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from heads import gate_features as gf
 from heads.gate_features import gate_features_numpy, gate_features_torch
 
 
@@ -35,6 +36,22 @@ def test_numba_and_torch_agree(scale, shape):
         assert a.shape == shape[:-1] + (4,) and a.dtype == dtype and b.dtype == dtype
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [2, 10, 100])
+def test_float32_statistics_are_the_kernels_bit_for_bit(k):
+    """What lets the runtime's statistics be the simulation's: for float32 softmax outputs, flat to saturated
+    (exact zeros included), the torch path gives the kernel's float32 statistics bit for bit, and the parallel
+    kernel (large inputs) the serial one's (smaller pieces)."""
+    gen = torch.Generator().manual_seed(k)
+    n = -(-gf.PARALLEL_ELEMENTS // k)
+    z = torch.randn(n, k, generator=gen) * torch.logspace(-1, 2.5, n)[:, None]
+    p = torch.softmax(z, dim=-1)
+    assert (p == 0).any()
+    parallel = gate_features_numpy(p.numpy())
+    serial = np.concatenate([gate_features_numpy(c) for c in np.array_split(p.numpy(), 4)])
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_array_equal(gate_features_torch(p).numpy(), parallel)
 
 
 def test_hand_cases_and_exact_zeros():

@@ -199,13 +199,18 @@ def test_predict_cli(run, models, tree):
     res = CliRunner().invoke(predict_cmd, ["--run", str(run_dir), "--lam", str(LAMBDAS[0]), "--alpha", str(ALPHA),
                                            "--batch-size", "5", *map(str, paths)])
     assert res.exit_code == 0, res.output
-    lines = res.output.strip().splitlines()
+    lines = res.stdout.strip().splitlines()
     assert len(lines) == len(paths)
     for i, (line, path) in enumerate(zip(lines, paths)):
         k = int(expected.prediction[i])
         members = ", ".join(f"class{j}" for j in expected.sets[i].nonzero().flatten().tolist())
         assert line.split("\t") == [str(path), f"class{k}", f"exit {int(expected.exit_index[i]) + 1}/{model.num_exits}",
                                     f"p={float(expected.probs[i, k]):.3f}", f"set={{{members}}}"]
+    # stderr: the speed and the Mul-Adds of the exits taken, against the full network's
+    costs = model.cumulative_macs
+    mean = sum(costs[int(e)] for e in expected.exit_index) / len(paths)
+    assert res.stderr.startswith(f"{len(paths)} images: ") and "images/s in the early-exit network" in res.stderr
+    assert f"{mean / costs[-1]:.3f} of the full network's {costs[-1] / 1e6:.2f}M" in res.stderr
     bad = CliRunner().invoke(predict_cmd, ["--run", str(run_dir), "--lam", "-1", str(paths[0])])
     assert bad.exit_code != 0 and "lambda must be" in bad.output
 
