@@ -47,7 +47,9 @@ from torch import nn
 from heads.evaluate import ExitOutputs
 from heads.exits import exit_costs, exit_decision, exit_distribution
 from heads.model import StackedHeads
-from heads.thresholds import DEFAULT_P_GRID, budget_fractions, fit_thresholds, max_softmax, threshold_sweep
+from heads.thresholds import (
+    DEFAULT_P_GRID, budget_fractions, budget_sweep, fit_thresholds, max_softmax, threshold_sweep,
+)
 from heads.train import (
     SplitTensors, StackedAdam, TrainData, TrainSettings, WarmState, shuffled_batches, copy_trials, seed_streams,
     exit_cross_entropy, exited_metrics, train_stack, warmup,
@@ -326,11 +328,17 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy()
 
 
-def threshold_points(method: str, logits: dict, labels: dict, p_grid, extra: dict) -> list[MethodPoint]:
+def threshold_points(method: str, logits: dict, labels: dict, p_grid, extra: dict,
+                     confidence: dict | None = None) -> list[MethodPoint]:
     """logits/labels: {"v1", "v2", "test"} -> (N, L, K) arrays / (N,). One MethodPoint per p, all sharing the same
-    logits arrays (no copies)."""
+    logits arrays (no copies). The exits are gated on max softmax, or on `confidence` ({"v1", "v2", "test"} ->
+    (N, L) tensors) when given."""
+    if confidence is None:
+        sweep = threshold_sweep(logits["v1"], {"v2": logits["v2"], "test": logits["test"]}, p_grid)
+    else:
+        sweep = budget_sweep(confidence["v1"], {"v2": confidence["v2"], "test": confidence["test"]}, p_grid)
     points = []
-    for pt in threshold_sweep(logits["v1"], {"v2": logits["v2"], "test": logits["test"]}, p_grid):
+    for pt in sweep:
         n_exits = logits["v1"].shape[1]
         info = {"p": pt["p"], "fractions": pt["fractions"].tolist(), "thresholds": pt["thresholds"].tolist(),
                 "v1_exit_hist": np.bincount(pt["v1_exit_index"], minlength=n_exits).tolist(), **extra}

@@ -29,19 +29,26 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from heads import rundir
-from heads.baselines import LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, run_baselines
+from heads.baselines import (
+    LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, run_baselines, threshold_points,
+)
 from heads.evaluate import evaluate
+from heads.exits import exit_probabilities
+from heads.matched import MATCHED_COSTS, envelope_at
 from heads.sweep import (
     DEFAULT_THRESHOLDS, REFERENCE_GROUP, Run, RunResult, Session, SweepSettings, evaluate_group, expand_trials,
     reference_group, select_per_lambda, train_groups,
 )
+from heads.thresholds import budget_sweep
 from heads.train import SplitTensors, TrainSettings
 
-COMPARE_METHODS = ("jei", *METHODS)
+BUDGET_METHOD = "jei-budget"
+COMPARE_METHODS = ("jei", BUDGET_METHOD, *METHODS)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,8 @@ class CompareSettings:
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct names from {', '.join(COMPARE_METHODS)}; got "
                              f"{', '.join(self.methods) or 'none'}")
+        if BUDGET_METHOD in self.methods and "jei" not in self.methods:
+            raise ValueError(f"{BUDGET_METHOD} moves JEI-DNN's trained models along the cost axis: it needs jei too")
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -108,6 +117,46 @@ def _jei_groups(session: Session, run: CompareRun, compare: CompareSettings, set
     return groups
 
 
+def budget_points(session: Session, groups: list[dict], selected: set, p_grid) -> list[MethodPoint]:
+    """Method "jei-budget": one of JEI-DNN's selected models moved along the cost axis after training. Per-exit
+    thresholds on its learned exit probabilities P(E^l|x) are fitted on V1 to each budget p of the MSDNet grid
+    (heads/thresholds.py, as for the max-softmax baselines), instead of the fixed rule P(E^l|x) > 0.5. Of the
+    selected models (one per lambda) the one whose V2 curve is most accurate on average over the matched costs is
+    kept: selection on V2 only."""
+    best = None
+    for group in groups:
+        if group["group"] == REFERENCE_GROUP:
+            continue
+        for position, trial in enumerate(group["trials"]):
+            if trial["trial"] not in selected:
+                continue
+            one = group["heads"].select(position)
+            out = {split: session.outputs(one, split) for split in ("v1", "v2", "test")}
+            conf = {split: exit_probabilities(p_g[0].double()) for split, (_, p_g, _) in out.items()}
+            logits = {split: z[0] for split, (z, _, _) in out.items()}
+            labels = {split: y for split, (_, _, y) in out.items()}
+            score = _v2_curve_score(session, logits["v2"], labels["v2"], conf, p_grid)
+            if best is None or score > best[0]:
+                extra = {"train_seconds": group["seconds"] / len(group["trials"]),
+                         "epochs": int(one.epochs_trained[0]), "lam": trial["lam"], "trial": trial["trial"]}
+                best = (score, logits, labels, conf, extra)
+    if best is None:
+        return []
+    _, logits, labels, conf, extra = best
+    return threshold_points(BUDGET_METHOD, logits, labels, p_grid, extra, confidence=conf)
+
+
+def _v2_curve_score(session: Session, logits, labels, conf: dict, p_grid) -> float:
+    """Mean V2 accuracy of a budgeted model's upper envelope at the matched costs (0 where it does not reach)."""
+    ic_norm = session.costs / session.costs[-1]
+    predicted = logits.argmax(-1)
+    rows = np.arange(len(labels))
+    points = [(float(ic_norm[pt["v2"]].mean()), float((predicted[rows, pt["v2"]] == labels).mean()))
+              for pt in budget_sweep(conf["v1"], {"v2": conf["v2"]}, p_grid)]
+    accuracy = envelope_at([c for c, _ in points], [a for _, a in points], MATCHED_COSTS)[0]
+    return float(np.nan_to_num(accuracy, nan=0.0).mean())
+
+
 def point_rows(session: Session, points: list[MethodPoint], settings: TrainSettings) -> list[dict]:
     """Two rows (v2, test) per operating point of one baseline method, evaluated like JEI-DNN's."""
     rows = []
@@ -122,6 +171,8 @@ def point_rows(session: Session, points: list[MethodPoint], settings: TrainSetti
         if not gated:
             base.update(budget_fractions=pt.extra["fractions"], exit_thresholds=pt.extra["thresholds"],
                         v1_exit_hist=pt.extra["v1_exit_hist"])
+        if pt.method == BUDGET_METHOD:
+            base.update(trial=pt.extra["trial"], lam=pt.extra["lam"], warmup_epochs=settings.warmup_epochs)
         metrics = evaluate(pt.v2, pt.test, session.costs)
         rows += [{**base, "split": split, **metrics[split]} for split in ("v2", "test")]
     return rows
@@ -132,7 +183,7 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
     test = SplitTensors(session.test_features, torch.as_tensor(session.test_labels, device=settings.device),
                         session.test_logits)
     rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
-    methods = [m for m in compare.methods if m != "jei"]
+    methods = [m for m in compare.methods if m in METHODS]
     for method in tqdm(methods, desc="baselines", unit="method", leave=False, disable=not session.progress):
         done = rundir.read_part(run.out, method, run.digest) if reuse else None
         if done is not None:
@@ -162,6 +213,9 @@ def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, o
         run.write_status("evaluating")
         start = time.perf_counter()
         rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
+        selected = select_per_lambda(rows)
+        if BUDGET_METHOD in compare.methods:
+            rows += point_rows(session, budget_points(session, groups, selected, compare.baselines.p_grid), settings)
         run.timings["evaluate_seconds"] = time.perf_counter() - start
-        return run.finish(session, groups, rows + baseline_rows, select_per_lambda(rows), compare.thresholds,
+        return run.finish(session, groups, rows + baseline_rows, selected, compare.thresholds,
                           warn="jei" in compare.methods and len(compare.lambdas) > 1)

@@ -32,11 +32,13 @@ Columns of results.parquet (null where a column does not apply to a row's method
                       model); "single-exit": every sample leaves at one exit (warm-up IMs; exit L is the backbone's
                       head, or a trained last IM when the cache's head is not the task's), the fixed reference points;
                       `compare` adds the baselines of heads/baselines.py (threshold, threshold-warmup, boosted, l2w:
-                      one row per budget p and split; fixed-ims, diffbranch: one per lambda and split)
+                      one row per budget p and split; fixed-ims, diffbranch: one per lambda and split) and
+                      "jei-budget" (one selected JEI-DNN model with per-exit thresholds on P(E^l|x) fitted on V1 to
+                      each budget p: one row per p and split, with that model's trial and lam)
     p                 compare, threshold-gated methods: MSDNet budget parameter p (heads/thresholds.py), else null
     budget_fractions, exit_thresholds, v1_exit_hist   compare, threshold-gated methods: lists (L) of the target
-                      exit shares, the max-softmax thresholds fitted on V1 (+inf: exit closed; the last is -inf) and
-                      the V1 samples exiting at each exit
+                      exit shares, the thresholds fitted on V1 (on max softmax; on P(E^l|x) for jei-budget;
+                      +inf: exit closed; the last is -inf) and the V1 samples exiting at each exit
     split             "v2" (second half of the validation split: selection, temperature, conformal thresholds) or
                       "test"
     trial             trial id, unique in the run (null for single-exit rows)

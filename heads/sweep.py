@@ -217,9 +217,10 @@ class Session:
         return self.warm[key]
 
     def outputs(self, heads: StackedHeads, split: str):
-        """(logits (T, N, L, K) numpy, P(G|x) (T, N, L) cpu tensor, labels (N,) numpy) of "v2" or "test"."""
-        if split == "v2":
-            feats, last, labels = self.data.v2.features, self.data.v2.logits, self.data.v2.labels.cpu().numpy()
+        """(logits (T, N, L, K) numpy, P(G|x) (T, N, L) cpu tensor, labels (N,) numpy) of "v1", "v2" or "test"."""
+        if split in ("v1", "v2"):
+            part = getattr(self.data, split)
+            feats, last, labels = part.features, part.logits, part.labels.cpu().numpy()
         else:
             feats, last, labels = self.test_features, self.test_logits, self.test_labels
         logits, g = heads.outputs(feats, last)

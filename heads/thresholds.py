@@ -85,8 +85,12 @@ def threshold_sweep(v1_logits, eval_logits: dict, p_grid=DEFAULT_P_GRID) -> list
 
     Returns [{"p", "thresholds" (L,) numpy, "fractions" (L,) numpy, "v1_exit_index", <split>: exit_index}, ...].
     """
-    conf_v1 = max_softmax(v1_logits)
-    conf_eval = {name: max_softmax(logits) for name, logits in eval_logits.items()}
+    return budget_sweep(max_softmax(v1_logits), {name: max_softmax(z) for name, z in eval_logits.items()}, p_grid)
+
+
+def budget_sweep(conf_v1: torch.Tensor, conf_eval: dict, p_grid=DEFAULT_P_GRID) -> list[dict]:
+    """threshold_sweep on any per-exit confidence (N, L): max softmax for the baselines, JEI-DNN's learned
+    P(E^l|x) for its budgeted models (heads/compare.py, method "jei-budget")."""
     n_exits = conf_v1.shape[1]
     points = []
     for p in p_grid:

@@ -11,17 +11,21 @@ import pytest
 from click.testing import CliRunner
 
 import heads.compare as compare_module
+import torch
 from bench.sweep_speed import write_synthetic_cache
 from heads import rundir
-from heads.baselines import LAMBDA_METHODS
+from heads.baselines import LAMBDA_METHODS, METHODS
 from heads.cli import COMMANDS
-from heads.compare import COMPARE_METHODS, CompareSettings, parse_methods, run_compare
+from cache.store import open_cache
+from heads.compare import BUDGET_METHOD, COMPARE_METHODS, CompareSettings, parse_methods, run_compare
 from heads.matched import (
     MATCHED_COSTS, area_under, common_range, envelope_at, matched_costs, matched_table, upper_envelope,
 )
 from heads.report import best_baseline
 from heads.sweep import SweepSettings, run_sweep
-from heads.thresholds import DEFAULT_P_GRID
+from heads.exits import exit_distribution, exit_probabilities
+from heads.model import StackedHeads
+from heads.thresholds import DEFAULT_P_GRID, exit_by_thresholds
 from heads.train import TrainSettings
 
 SIZES = {"train": 96, "val": 64, "test": 48}
@@ -102,9 +106,36 @@ def test_compare_writes_every_method_into_one_parquet(run, cache, tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["status"] == "complete" and settings["methods"] == list(COMPARE_METHODS)
     assert settings["identity"]["command"] == "compare"
-    assert sorted(p.stem for p in (out / rundir.PARTS).iterdir()) == sorted(COMPARE_METHODS[1:])
+    assert sorted(p.stem for p in (out / rundir.PARTS).iterdir()) == sorted(METHODS)   # jei-budget: no training
     assert not [p for p in out.rglob("*.tmp")]
     assert "[boosted]" in output and "p=0.05" in output and "accuracy at matched cost" in output
+
+
+def test_jei_budget_gates_a_selected_model_on_its_exit_probabilities_fitted_to_each_budget(run, cache):
+    """jei-budget: one selected JEI-DNN model, per-exit thresholds on its P(E^l|x) fitted on V1 for every budget p;
+    applying a row's thresholds to that model's test P(E^l|x) gives the row's test exits."""
+    out, _ = run
+    rows = rows_of(out)
+    mine = [r for r in rows if r["method"] == BUDGET_METHOD]
+    assert sorted((r["p"], r["split"]) for r in mine) == sorted((p, s) for p in DEFAULT_P_GRID for s in ("v2", "test"))
+    selected = {(r["trial"], r["lam"]) for r in rows if r["method"] == "jei" and r["selected"]}
+    assert len({(r["trial"], r["lam"]) for r in mine}) == 1 and (mine[0]["trial"], mine[0]["lam"]) in selected
+    assert all(sum(r["v1_exit_hist"]) == SIZES["val"] // 2 for r in mine)
+    # the V1 exit shares follow p: cheap budgets send more samples out early than dear ones
+    first_share = {r["p"]: r["v1_exit_hist"][0] for r in mine if r["split"] == "test"}
+    assert first_share[DEFAULT_P_GRID[0]] > first_share[DEFAULT_P_GRID[-1]]
+
+    index = rundir.load_heads(out)
+    group = next(g for g in index["groups"] if any(t["trial"] == mine[0]["trial"] for t in g["trials"]))
+    position = [t["trial"] for t in group["trials"]].index(mine[0]["trial"])
+    heads = StackedHeads.from_state_dict(group["state"]).select(position)
+    with open_cache(cache) as c:
+        test = c.load_split("test")
+    _, g = heads.outputs(test.features, test.logits)
+    conf = exit_probabilities(exit_distribution(g[0]).double())
+    for r in (r for r in mine if r["split"] == "test"):
+        exits = exit_by_thresholds(conf, torch.tensor(r["exit_thresholds"], dtype=torch.float64))
+        assert np.bincount(exits.numpy(), minlength=N_EXITS).tolist() == r["exit_hist"], r["p"]
 
 
 def test_report_on_a_compare_run_overlays_methods_and_writes_the_matched_costs(run):
