@@ -35,6 +35,10 @@ FINITE = FiniteFloat()
 COUNT = click.IntRange(1, MAX_EPOCHS)
 
 TRAIN_OPTIONS = (
+    click.option("--recipe", type=click.Choice(["paper", "converged"]), default=None,
+                 help="A named set of the options below (explicit options override it): paper = Algorithm 1 as "
+                      "printed (the defaults); converged = IMs warmed up 12 epochs, then only the gates learn "
+                      "(uniform IM loss, ExitIfMin targets, no CLASSIFIER phase)."),
     click.option("--lr", type=FINITE, default=None, help="Adam learning rate (default 0.01)."),
     click.option("--weight-decay", type=FINITE, default=None, help="Adam L2 weight decay (default 5e-4)."),
     click.option("--batch-size", type=COUNT, default=None,
@@ -83,7 +87,8 @@ def _train_settings(kwargs: dict, cache_path):
     import torch
 
     from cache.store import CacheError, open_cache
-    from heads.train import PAPER_DATASET_DEFAULTS, TrainSettings
+    from heads.train import PAPER_DATASET_DEFAULTS, RECIPES, TrainSettings
+    recipe = RECIPES[kwargs.pop("recipe", None) or "paper"]
     given = {k: kwargs.pop(k) for k in TRAIN_FIELDS}
     given = {k: v for k, v in given.items() if v is not None}
     try:
@@ -100,7 +105,7 @@ def _train_settings(kwargs: dict, cache_path):
     if given.get("batch_size", 0) > rows["train"]:
         raise click.BadParameter(f"{given['batch_size']} exceeds the cache's {rows['train']} training rows",
                                  param_hint="--batch-size")
-    given = {**PAPER_DATASET_DEFAULTS.get(dataset, {}), **given}
+    given = {**PAPER_DATASET_DEFAULTS.get(dataset, {}), **recipe, **given}
     given.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     _check_device(given["device"])
     try:

@@ -54,6 +54,18 @@ PAPER_DATASET_DEFAULTS = {
     "cifar100-lt": {"max_epochs": 20}, "cifar100": {"max_epochs": 30},
 }
 
+# Named sets of TrainSettings values (`--recipe`); options given explicitly override them, and they override the
+# per-dataset defaults above. "paper" is Algorithm 1 as printed (the dataclass defaults). "converged" trains the
+# IMs near convergence first and then only the gates (GATE state throughout: bi_switch beyond any epoch), with
+# every IM kept trained (uniform loss) and the ExitIfMin targets: on real features the CLASSIFIER phase of eq. 30
+# degrades converged IMs, and IMs that receive no exit mass are never trained (README, measured with `compare`).
+RECIPES = {
+    "paper": {},
+    "converged": {"warmup_epochs": 12, "max_epochs": 16, "im_loss": "uniform", "targets": "ifmin",
+                  "bi_switch": 1 << 40},
+}
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Appendix 9.1.2 defaults (Adam, lr 0.01, weight decay 5e-4, batch 64, 15 epochs for CIFAR-10/SVHN)."""

@@ -281,3 +281,28 @@ def test_common_range_leaves_out_a_narrow_method_that_overlaps_nobody():
     points = {"jei": span(0.25, 0.5), "threshold": span(0.06, 0.9), "diffbranch": span(0.14, 0.21)}
     assert common_range(points) == (0.25, 0.5)                 # diffbranch dropped: it overlaps jei nowhere
     assert common_range({**points, "diffbranch": span(0.14, 0.3)}) == (0.25, 0.3)   # overlapping: kept
+
+
+def test_recipe_converged_trains_only_the_gates_on_converged_ims_and_explicit_options_win(cache, tmp_path):
+    """--recipe converged: the IMs warmed up 12 epochs, then the GATE state only, so its JEI-DNN models are the
+    fixed-ims ablation's exactly; an option given explicitly overrides the recipe."""
+    common = ["--cache", cache, "--lambdas", "0.1,1", "--methods", "jei,fixed-ims", "--batch-size", "32",
+              "--device", "cpu", "--no-progress"]
+    result = invoke("compare", *common, "--out", tmp_path / "r", "--recipe", "converged")
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "r" / "settings.json").read_text())["identity"]["train"]
+    assert (train["warmup_epochs"], train["max_epochs"], train["im_loss"], train["targets"]) == (12, 16, "uniform",
+                                                                                              "ifmin")
+    n_batches = math.ceil(SIZES["train"] / 32)
+    assert train["bi_switch"] > n_batches * train["max_epochs"]
+    rows = rows_of(tmp_path / "r")
+
+    def points(method):
+        return sorted((r["lam"], r["split"], r["accuracy"], r["cost_norm"], tuple(r["exit_hist"]))
+                      for r in rows if r["method"] == method)
+    assert points("jei") == points("fixed-ims") and len(points("jei")) == 2 * len(LAMBDAS)
+
+    result = invoke("compare", *common, "--out", tmp_path / "o", "--recipe", "converged", "--warmup-epochs", "3")
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "o" / "settings.json").read_text())["identity"]["train"]
+    assert (train["warmup_epochs"], train["im_loss"]) == (3, "uniform")
