@@ -108,7 +108,7 @@ def _warm_ims(data: TrainData, warm: WarmState, settings: TrainSettings, epochs:
     weights, biases = warm.initial_ims(settings.lr, settings.weight_decay, epochs)
     heads.im_weight = [w.to(settings.device) for w in weights]
     heads.im_bias = [b.to(settings.device) for b in biases]
-    heads.epochs_trained[0] = epochs
+    heads.epochs_trained[0] = min(epochs, warm.epochs)   # a converged warm-up stopped before
     return heads
 
 
@@ -387,7 +387,7 @@ def run_baselines(data: TrainData, test: SplitTensors, methods, settings: TrainS
     need_warm = max([settings.max_epochs if m == "threshold" else settings.warmup_epochs for m in warm_users],
                     default=0)
     warm_seconds = 0.0
-    if warm_users and (warm is None or warm.epochs < need_warm
+    if warm_users and (warm is None or not warm.reaches(need_warm)
                        or (settings.lr, settings.weight_decay) not in warm.optim):
         say(f"warm-up: {need_warm} epochs")
         t0 = time.perf_counter()

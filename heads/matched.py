@@ -7,9 +7,10 @@ A method's operating points (heads/report.py curves(): one per lambda or per bud
 reference) are reduced to their upper envelope: the points that no other point beats at the same or a lower
 cost (sorted by cost, each strictly more accurate than every cheaper one). Between two envelope points the
 accuracy and both 95% bounds are interpolated linearly (the bounds of the two neighbours, weighted alike: an
-approximation, not a fresh bootstrap). Past the most accurate point, up to the method's most expensive point, the
-envelope stays flat (that accuracy is available at any larger budget). Outside [cheapest, most expensive] cost of a
-method every value is NaN: no extrapolation.
+approximation, not a fresh bootstrap). Past the most accurate point the envelope stays flat, also beyond the
+method's most expensive point: a model that spends less is available at any larger budget, so the value at cost c is
+at least the best accuracy among the method's points at cost <= c. Below a method's cheapest point every value is
+NaN: nothing it trained spends that little.
 
 The area under the curve is the integral of the envelope's accuracy over the cost range that EVERY compared
 method covers (largest of the cheapest costs to smallest of the most expensive costs; the single exits and methods
@@ -39,12 +40,12 @@ def upper_envelope(cost, accuracy) -> np.ndarray:
 
 
 def envelope_at(cost, accuracy, at, low=None, high=None) -> tuple[np.ndarray, ...]:
-    """The envelope's accuracy (and interpolated bounds `low`, `high` when given) at the costs `at`; NaN outside
-    [min(cost), max(cost)]."""
+    """The envelope's accuracy (and interpolated bounds `low`, `high` when given) at the costs `at`; NaN below
+    min(cost), the best point's values above max(cost)."""
     cost, accuracy = np.asarray(cost, dtype=float), np.asarray(accuracy, dtype=float)
     at = np.atleast_1d(np.asarray(at, dtype=float))
     keep = upper_envelope(cost, accuracy)
-    outside = (at < cost.min()) | (at > cost.max())
+    outside = at < cost.min()
     out = []
     for values in (accuracy, low, high):
         if values is not None:
@@ -90,7 +91,7 @@ def method_points(rows: list[dict]) -> dict[str, list[dict]]:
 
 def matched_costs(rows: list[dict], split: str = "test", costs=MATCHED_COSTS) -> list[dict]:
     """One dict per method and matched cost: method, split, cost_norm, accuracy, accuracy_ci_low,
-    accuracy_ci_high (NaN outside the method's cost range), and the method's auc over [auc_cost_low,
+    accuracy_ci_high (NaN below the method's cheapest point), and the method's auc over [auc_cost_low,
     auc_cost_high] with auc_mean_accuracy = auc / (auc_cost_high - auc_cost_low)."""
     rows = [r for r in rows if r["split"] == split]
     points = method_points(rows)
@@ -126,8 +127,8 @@ def matched_table(table: list[dict]) -> str:
     first = table[0]
     lo, hi = first["auc_cost_low"], first["auc_cost_high"]
     span = f"[{lo:.3f}, {hi:.3f}] of IC^L" if lo < hi else "(empty: the methods' cost ranges do not overlap)"
-    lines = [f"accuracy at matched cost ({first['split']} split; upper envelope, linear interpolation; '-' outside "
-             f"a method's cost range); AUC over the common cost range {span}",
+    lines = [f"accuracy at matched cost ({first['split']} split; upper envelope, linear interpolation, flat past "
+             f"a method's most accurate point; '-' below its cheapest point); AUC over the common cost range {span}",
              f"{'method':<17}" + "".join(f"{f'cost {c:g}':^18}" for c in costs) + f"{'AUC':>8} {'mean acc':>9}"]
     for method in methods:
         mine = {r["cost_norm"]: r for r in table if r["method"] == method}

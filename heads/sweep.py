@@ -1,9 +1,9 @@
-"""Lambda sweeps, hyperparameter grids and cost-targeted fits of JEI-DNN heads, written to a run directory.
+"""Lambda sweeps and hyperparameter grids of JEI-DNN heads, written to a run directory (cost-targeted fits:
+heads/fit.py).
 
     lambdas = parse_lambdas("0.01:10")                             # 20 log-spaced points
     grid = parse_grid(["warmup_epochs=1:5", "lr=0.01,0.003"])      # {"warmup_epochs": (1..5), "lr": (...)}
     run = run_sweep("cache/x.zarr", SweepSettings(tuple(lambdas), grid_items(grid)), TrainSettings(), "runs/a")
-    run = fit_target_cost("cache/x.zarr", FitSettings(target_cost=0.5), TrainSettings(), "runs/fit")
 
 A sweep is: the lambda-independent warm-up once (one pass serves every warm-up epoch count and every (lr, weight
 decay) pair of the grid, heads.train.warmup), then every lambda x grid trial in ONE stacked bi-level pass
@@ -35,9 +35,13 @@ from heads.exits import exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.train import TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, train_stack, warmup
 
-LAMBDA_FORMS = "A:B (20 log-spaced points), A:B:N (N points), a,b,c (a list) or one value, all > 0 and A < B"
+LAMBDA_FORMS = ("A:B (20 log-spaced points), A:B:N (N points), a,b,c (a list) or one value, all > 0 and A < B; or "
+                "auto, auto:N (N lambdas chosen after the warm-up)")
+AUTO_POINTS = 12             # lambdas of `--lambdas auto`
+AUTO_FIRST_SHARE = 0.99      # the largest auto lambda's targets send at least this share of V1 to exit 1
+AUTO_LOW_SLACK = 0.01        # the smallest one's targets ask for the cost lambda -> 0 asks for, less this
 DEFAULT_THRESHOLDS = (0.2, 0.35, 0.65, 0.8)   # gate thresholds besides 0.5 for the selected models' curves
-WARMUP_FIELDS = ("batch_size", "seed", "device")   # the TrainSettings fields the warm-up depends on
+WARMUP_FIELDS = ("batch_size", "seed", "device", "warmup_patience")   # the TrainSettings fields the warm-up depends on
 REFERENCE_GROUP = "warmup"                         # heads group holding the warm-up IMs (single-exit rows)
 
 
@@ -61,6 +65,31 @@ def _log_range(text: str, default_points: int | None, what: str) -> list[float]:
         raise ValueError(f"{what} {text!r} needs A < B")
     points = _number(parts[2], f"{what} point count", int) if len(parts) == 3 else default_points
     return [float(v) for v in np.geomspace(low, high, points)]
+
+
+@dataclass(frozen=True)
+class AutoLambdas:
+    """`--lambdas auto[:N]`: N lambdas chosen after the warm-up from the cache's costs and the warm-up IMs' losses
+    (auto_lambdas); a run records this spec in its identity and the chosen values in settings.json and its rows."""
+    points: int = AUTO_POINTS
+
+    def __post_init__(self):
+        if not 2 <= self.points <= 10_000:
+            raise ValueError(f"auto:N needs 2 <= N <= 10000, got {self.points}")
+
+    def __str__(self) -> str:
+        return f"auto:{self.points}"
+
+
+def parse_lambda_spec(text: str) -> "list[float] | AutoLambdas":
+    """parse_lambdas, plus `auto` and `auto:N` (AutoLambdas)."""
+    head, _, count = str(text).strip().partition(":")
+    if head.strip().lower() != "auto":
+        return parse_lambdas(text)
+    try:
+        return AutoLambdas(_number(count, "auto point count", int) if count else AUTO_POINTS)
+    except ValueError as err:
+        raise ValueError(f"invalid lambdas {str(text).strip()!r} ({err}); accepted: {LAMBDA_FORMS}") from None
 
 
 def parse_lambdas(text: str) -> list[float]:
@@ -129,15 +158,22 @@ def grid_items(grid: dict) -> tuple:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    lambdas: tuple[float, ...]
+    lambdas: "tuple[float, ...] | AutoLambdas"
     grid: tuple[tuple[str, tuple], ...] = ()     # ((key, values), ...): every combination is a trial per lambda
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
 
     def __post_init__(self):
-        if not self.lambdas or any(not (lam > 0 and math.isfinite(lam)) for lam in self.lambdas):
+        if isinstance(self.lambdas, AutoLambdas):
+            pass
+        elif not self.lambdas or any(not (lam > 0 and math.isfinite(lam)) for lam in self.lambdas):
             raise ValueError(f"lambdas must be finite and > 0, got {self.lambdas}")
         if any(not 0 < t < 1 for t in self.thresholds):
             raise ValueError(f"gate thresholds must lie in (0, 1), got {self.thresholds}")
+
+
+def lambda_identity(lambdas) -> "list[float] | str":
+    """How a run's identity records its lambdas: the list, or the auto spec (its values follow from the rest)."""
+    return str(lambdas) if isinstance(lambdas, AutoLambdas) else list(lambdas)
 
 
 def expand_trials(lambdas, grid: tuple, start: int = 0) -> list[dict]:
@@ -259,17 +295,25 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
     return groups
 
 
-def reference_group(session: Session, settings: TrainSettings, trials: list[dict]) -> dict:
-    """The warm-up IMs after the whole warm-up (each at its best V2 epoch) as a one-trial heads group."""
-    warm = session.warmed(settings, trials)
+def warm_heads(session: Session, settings: TrainSettings, warm,
+               epochs: int | None = None) -> tuple[StackedHeads, tuple[float, float]]:
+    """A one-trial heads stack, and its (lr, weight decay), holding the warm-up IMs of settings' (lr, weight decay), or of the first pair warmed
+    when that one was not, after `epochs` warm-up epochs (default: all), each IM at its best V2 epoch so far."""
     pair = (settings.lr, settings.weight_decay)
     lr, wd = pair if pair in warm.optim else warm.optim[0]
+    epochs = warm.epochs if epochs is None else min(epochs, warm.epochs)
     data = session.data
     heads = StackedHeads.init(data.exit_dims, data.num_classes, 1, data.trains_last, settings.seed, settings.device)
-    weights, biases = warm.initial_ims(lr, wd, warm.epochs)
+    weights, biases = warm.initial_ims(lr, wd, epochs)
     heads.im_weight = [w.to(settings.device) for w in weights]
     heads.im_bias = [b.to(settings.device) for b in biases]
-    heads.epochs_trained[:] = warm.epochs
+    heads.epochs_trained[:] = epochs
+    return heads, (lr, wd)
+
+
+def reference_group(session: Session, settings: TrainSettings, trials: list[dict]) -> dict:
+    """The warm-up IMs after the whole warm-up (each at its best V2 epoch) as a one-trial heads group."""
+    heads, (lr, wd) = warm_heads(session, settings, session.warmed(settings, trials))
     return {"group": REFERENCE_GROUP, "settings": {**dataclasses.asdict(settings), "lr": lr, "weight_decay": wd},
             "trials": [], "heads": heads, "seconds": session.warm_seconds}
 
@@ -335,6 +379,61 @@ def target_cost(ce: np.ndarray, ic_norm: np.ndarray, lam: float) -> float:
     return float(ic_norm[np.argmin(ce + lam * ic_norm[None, :], axis=1)].mean())
 
 
+def auto_lambdas(ce: np.ndarray, ic_norm: np.ndarray, points: int, first_share: float = AUTO_FIRST_SHARE,
+                 slack: float = AUTO_LOW_SLACK) -> list[float]:
+    """`--lambdas auto`: `points` log-spaced lambdas whose surrogate targets (target_cost; ce (N, L) per-exit
+    cross-entropies of the warm-up IMs on V1) span the cost axis. The largest sends at least first_share of the
+    samples to exit 1: per sample, exit 1 is the argmin of CE_l + lam IC_norm^l once lam >= max_l (CE_1 - CE_l) /
+    (IC_norm^l - IC_norm^1), and the largest is that quantile. The smallest is the largest lambda whose targets ask
+    for no less than `slack` below what lam -> 0 asks (the most accurate exits the targets know): trained gates
+    spend less than their targets ask, so the accurate end needs the targets' own accurate end, not merely the
+    cost of the best single exit."""
+    ce, ic_norm = np.asarray(ce, dtype=np.float64), np.asarray(ic_norm, dtype=np.float64)
+    gain = (ce[:, :1] - ce[:, 1:]) / (ic_norm[None, 1:] - ic_norm[0])
+    per_sample = np.maximum(gain.max(axis=1), 0.0)
+    high = float(np.quantile(per_sample, first_share))
+    positive = per_sample[per_sample > 0]
+    if high <= 0 or positive.size == 0:      # exit 1 already wins everywhere: any small range spans nothing
+        high = max(high, 1e-3)
+        return [float(v) for v in np.geomspace(high / 1e3, high, points)]
+    goal = target_cost(ce, ic_norm, 0.0) - slack
+    low, top = float(positive.min()) * 1e-3, high          # target_cost(low) is target_cost(0): no gain is that small
+    for _ in range(60):                                    # target_cost falls as lambda grows: bisect in log space
+        mid = math.sqrt(low * top)
+        if target_cost(ce, ic_norm, mid) >= goal:
+            low = mid
+        else:
+            top = mid
+    return [float(v) for v in np.geomspace(min(low, high / 10), high, points)]
+
+
+def cross_entropy(session: Session, heads: StackedHeads, split: str) -> np.ndarray:
+    """(N, L) per-exit cross-entropy on a split ("v1", "v2", "test") of a one-trial heads stack."""
+    logits, _, labels = session.outputs(heads, split)
+    z = torch.from_numpy(logits[0]).double()
+    picked = z.gather(-1, torch.from_numpy(labels).long()[:, None, None].expand(-1, z.shape[1], 1)).squeeze(-1)
+    return (torch.logsumexp(z, -1) - picked).numpy()
+
+
+def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple = (), log=print) -> list[float]:
+    """Explicit lambdas as given; AutoLambdas from the warm-up (run first when needed) of the IMs the bi-level phase
+    starts from: auto_lambdas on their V1 losses."""
+    if not isinstance(spec, AutoLambdas):
+        return sorted(float(x) for x in spec)
+    warm = session.warmed(settings, expand_trials([1.0], grid))
+    heads, _ = warm_heads(session, settings, warm, settings.warmup_epochs)
+    logits, _, labels = session.outputs(heads, "v2")
+    accuracy = (logits[0].argmax(-1) == labels[:, None]).mean(0)
+    ic_norm = session.costs / session.costs[-1]
+    best = int(np.argmax(accuracy))
+    ce = cross_entropy(session, heads, "v1")
+    lambdas = auto_lambdas(ce, ic_norm, spec.points)
+    log(f"lambdas auto: {spec.points} from {lambdas[0]:.3g} to {lambdas[-1]:.3g}; the targets ask for cost "
+        f"{target_cost(ce, ic_norm, lambdas[0]):.3f} to {target_cost(ce, ic_norm, lambdas[-1]):.3f} on V1 (the best "
+        f"single exit on V2: exit {best + 1} at cost {ic_norm[best]:.3f})")
+    return lambdas
+
+
 def lambda_range_warnings(rows: list[dict], costs: np.ndarray, ce: np.ndarray | None = None) -> list[str]:
     """Whether the selected models cover the cost axis (on V2): the smallest lambda should be as accurate as the
     best single exit unless it already costs ~ the full network; the largest should come down near the first
@@ -393,6 +492,7 @@ class Run:
 
     def __init__(self, out, cache, command: str, settings: TrainSettings, extra: dict, overwrite: bool):
         self.cache, self.timings = cache, {}
+        self.lambdas = None     # the lambdas trained, once known (`--lambdas auto` resolves them after the warm-up)
         self.identity = {"command": command, "cache_fingerprint": cache.fingerprint,
                          "train": dataclasses.asdict(settings), **extra}
         self.digest = rundir.settings_hash(self.identity)
@@ -420,6 +520,8 @@ class Run:
                               "exits": [{k: e.get(k) for k in ("exit", "name", "dim", "cumulative_total_macs")}
                                         for e in m["exits"]]},
                     "timings": self.timings, **extra}
+        if self.lambdas is not None:
+            settings["lambdas"] = list(self.lambdas)
         rundir.write_settings(self.out, settings)
         return settings
 
@@ -445,20 +547,12 @@ class Run:
         rows += single_exit_rows(session, reference)
         for row in rows:
             row.setdefault("selected", False)
-        warnings = lambda_range_warnings(rows, session.costs, _v2_cross_entropy(session, reference)) if warn else []
+        warnings = lambda_range_warnings(rows, session.costs, cross_entropy(session, reference["heads"], "v2")) if warn else []
         self.timings["evaluate_seconds"] = self.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
         settings = self.write_status("complete", warnings=warnings)
         rundir.write_results(self.out, rundir.uniform_rows(rows), settings)
         self.lock.release()
         return RunResult(self.out, rows, settings, warnings)
-
-
-def _v2_cross_entropy(session: Session, group: dict) -> np.ndarray:
-    """(N, L) per-exit cross-entropy on V2 of a one-trial heads group."""
-    logits, _, labels = session.outputs(group["heads"], "v2")
-    z = torch.from_numpy(logits[0]).double()
-    picked = z.gather(-1, torch.from_numpy(labels).long()[:, None, None].expand(-1, z.shape[1], 1)).squeeze(-1)
-    return (torch.logsumexp(z, -1) - picked).numpy()
 
 
 def _evaluate_all(session: Session, run: Run, groups: list[dict]) -> list[dict]:
@@ -468,6 +562,25 @@ def _evaluate_all(session: Session, run: Run, groups: list[dict]) -> list[dict]:
     return rows
 
 
+def trained_groups(run: Run, session: Session, settings: TrainSettings, lambdas, grid: tuple, log) -> list[dict]:
+    """The run's heads groups (sweep trials + the warm-up reference): the saved ones when the run directory holds
+    heads of these settings, else trained now (auto lambdas resolved after the warm-up) and saved."""
+    if run.saved is not None:
+        log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+        groups = run.saved_groups(settings.device)
+        run.lambdas = sorted({t["lam"] for g in groups for t in g["trials"]})
+        return groups
+    start = time.perf_counter()
+    run.lambdas = resolve_lambdas(session, settings, lambdas, grid, log)
+    run.write_status("training")
+    trials = expand_trials(run.lambdas, grid)
+    groups = train_groups(session, trials, grid, settings)
+    groups.append(reference_group(session, settings, trials))
+    run.timings.update(train_seconds=time.perf_counter() - start, warmup_seconds=session.warm_seconds)
+    run.save_groups(groups)
+    return groups
+
+
 def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, command: str = "sweep",
               overwrite: bool = False, progress: bool = True, log=print) -> RunResult:
     """Train, evaluate and record every lambda x grid trial (module docstring)."""
@@ -475,99 +588,12 @@ def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, co
 
     check_grid(settings, sweep.grid)
     with open_cache(cache_path) as cache:
-        run = Run(out, cache, command, settings, {"lambdas": list(sweep.lambdas), "thresholds": list(sweep.thresholds),
+        run = Run(out, cache, command, settings, {"lambdas": lambda_identity(sweep.lambdas),
+                                                  "thresholds": list(sweep.thresholds),
                                                   "grid": {k: list(v) for k, v in sweep.grid}}, overwrite)
         session = Session(cache, settings, progress)
-        if run.saved is not None:
-            log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
-            groups = run.saved_groups(settings.device)
-        else:
-            trials = expand_trials(sweep.lambdas, sweep.grid)
-            start = time.perf_counter()
-            groups = train_groups(session, trials, sweep.grid, settings)
-            groups.append(reference_group(session, settings, trials))
-            run.timings.update(train_seconds=time.perf_counter() - start, warmup_seconds=session.warm_seconds)
-            run.save_groups(groups)
+        groups = trained_groups(run, session, settings, sweep.lambdas, sweep.grid, log)
         run.write_status("evaluating")
         rows = _evaluate_all(session, run, groups)
         return run.finish(session, groups, rows, select_per_lambda(rows), sweep.thresholds,
-                          warn=len(sweep.lambdas) > 1)
-
-
-# ---- cost-targeted fit -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FitSettings:
-    target_cost: float                      # the most V2 Mul-Adds allowed, as a fraction of IC^L
-    lam_low: float = 1e-3                   # first round: `points` lambdas log-spaced over [lam_low, lam_high]
-    lam_high: float = 1e2
-    points: int = 6                         # lambdas trained together per round
-    rounds: int = 3                         # refinement rounds inside the bracket
-    max_widen: int = 3                      # rounds that move the range x100 when it misses the target
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-
-    def __post_init__(self):
-        if not 0 < self.target_cost <= 1:
-            raise ValueError(f"the target cost is a fraction of the full network's Mul-Adds in (0, 1], "
-                             f"got {self.target_cost}")
-        if not 0 < self.lam_low < self.lam_high or self.points < 2 or self.rounds < 0 or self.max_widen < 0:
-            raise ValueError("fit needs 0 < lam_low < lam_high, points >= 2, rounds >= 0 and max_widen >= 0")
-
-
-def next_lambdas(scores: list[dict], fit: FitSettings) -> tuple[list[float], str] | None:
-    """Next round from every V2 (lam, cost_norm) so far: ("widen", lambdas beyond the range) when no lambda or
-    every lambda meets the target, else ("refine", lambdas inside the bracket between the largest lambda that
-    misses it and the smallest that meets it)."""
-    ordered = sorted(scores, key=lambda r: r["lam"])
-    lams = [r["lam"] for r in ordered]
-    feasible = [r["lam"] for r in ordered if r["cost_norm"] <= fit.target_cost]
-    if not feasible:                                     # even the largest lambda costs too much
-        return [float(x) for x in np.geomspace(lams[-1] * 10, lams[-1] * 100, fit.points)], "widen"
-    below = [lam for lam in lams if lam < feasible[0]]
-    if not below:                                        # even the smallest lambda is cheap enough
-        return [float(x) for x in np.geomspace(lams[0] / 100, lams[0] / 10, fit.points)], "widen"
-    return [float(x) for x in np.geomspace(below[-1], feasible[0], fit.points + 2)[1:-1]], "refine"
-
-
-def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,
-                    progress: bool = True, log=print) -> RunResult:
-    """The most accurate model on V2 whose V2 normalised cost is <= fit.target_cost, by bracketing lambda in log
-    space over a few stacked rounds that share one warm-up. Every trained trial is recorded; the chosen one is the
-    only `selected` row. ValueError when no lambda reaches the target."""
-    from cache.store import open_cache
-
-    with open_cache(cache_path) as cache:
-        run = Run(out, cache, "fit", settings, {"fit": dataclasses.asdict(fit)}, overwrite)
-        session = Session(cache, settings, progress)
-        if run.saved is not None:
-            log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
-            groups = run.saved_groups(settings.device)
-            rows = _evaluate_all(session, run, groups)
-        else:
-            start = time.perf_counter()
-            groups, rows, trials = [], [], []
-            lambdas, widened, refined = list(np.geomspace(fit.lam_low, fit.lam_high, fit.points)), 0, 0
-            while True:
-                new = expand_trials(lambdas, (), start=len(trials))
-                trials += new
-                groups += train_groups(session, new, (), settings, first_group=len(groups))
-                rows += _evaluate_all(session, run, groups[-1:])
-                step = next_lambdas([r for r in rows if r["split"] == "v2"], fit)
-                if step is None or (step[1] == "widen" and widened == fit.max_widen) or \
-                        (step[1] == "refine" and refined == fit.rounds):
-                    break
-                lambdas = step[0]
-                widened, refined = widened + (step[1] == "widen"), refined + (step[1] == "refine")
-                log(f"fit: {step[1]} -> lambdas {', '.join(f'{x:.3g}' for x in lambdas)}")
-            groups.append(reference_group(session, settings, trials))
-            run.timings.update(train_seconds=time.perf_counter() - start - run.timings["evaluate_seconds"],
-                               warmup_seconds=session.warm_seconds)
-            run.save_groups(groups)
-        v2 = [r for r in rows if r["split"] == "v2"]
-        feasible = [r for r in v2 if r["cost_norm"] <= fit.target_cost]
-        if not feasible:
-            cheapest = min(v2, key=lambda r: r["cost_norm"])
-            raise ValueError(f"no lambda reached V2 cost <= {fit.target_cost:g}: the cheapest model (lambda "
-                             f"{cheapest['lam']:.3g}) costs {cheapest['cost_norm']:.3f}; the first exit alone costs "
-                             f"{session.costs[0] / session.costs[-1]:.3f}")
-        best = max(feasible, key=lambda r: (r["accuracy"], -r["cost_norm"], -r["trial"]))
-        return run.finish(session, groups, rows, {best["trial"]}, fit.thresholds, warn=False)
+                          warn=len(run.lambdas) > 1)

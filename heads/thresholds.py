@@ -15,6 +15,8 @@ met. Cumulative targets (rounded once) keep every exit within one sample of its 
 exit absorb any overshoot from tied confidences. Everything is torch, so the same routine routes a mini-batch on the
 GPU inside L2W-DEN's meta step (heads/baselines.py) and fits thresholds on V1.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -102,3 +104,26 @@ def budget_sweep(conf_v1: torch.Tensor, conf_eval: dict, p_grid=DEFAULT_P_GRID) 
             point[name] = exit_by_thresholds(conf, thr).cpu().numpy()
         points.append(point)
     return points
+
+
+def budget_for_cost(ic_norm, target: float, lo: float = 1e-6, hi: float = 1e6) -> float:
+    """The budget parameter p whose shares (budget_fractions) spend a mean normalised cost of `target`:
+    sum_k f_k(p) IC_norm^k grows with p (the shares move to later exits), so bisect log p. ValueError when the
+    target lies below the first exit's cost (nothing is that cheap)."""
+    ic_norm = torch.as_tensor(np.asarray(ic_norm, dtype=np.float64))
+    n_exits = ic_norm.shape[0]
+    if not target > float(ic_norm[0]):
+        raise ValueError(f"a target cost of {target:g} lies at or below the first exit's cost {float(ic_norm[0]):.3f}")
+
+    def spent(p):
+        return float(budget_fractions(p, n_exits) @ ic_norm)
+
+    if spent(hi) <= target:
+        return hi
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        if spent(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,6 +1,7 @@
 """`compare` end to end on a tiny synthetic cache (every method, one results.parquet, reruns), `report` on it
 (figures 2, 3, 5, 9 and the matched-cost table), and the upper-envelope / area arithmetic on hand-made curves."""
 import csv
+import dataclasses
 import json
 import math
 
@@ -26,12 +27,13 @@ from heads.sweep import SweepSettings, run_sweep
 from heads.exits import exit_distribution, exit_probabilities
 from heads.model import StackedHeads
 from heads.thresholds import DEFAULT_P_GRID, exit_by_thresholds
-from heads.train import TrainSettings
+from heads.train import TrainSettings, default_settings
 
 SIZES = {"train": 96, "val": 64, "test": 48}
 N_EXITS = 3
 LAMBDAS = (0.1, 1.0)
-FAST = ["--max-epochs", "3", "--warmup-epochs", "1", "--batch-size", "32", "--bi-switch", "2", "--patience", "2",
+FAST = ["--recipe", "paper", "--max-epochs", "3", "--warmup-epochs", "1", "--batch-size", "32", "--bi-switch", "2",
+        "--patience", "2",
         "--device", "cpu", "--no-progress"]
 SETTINGS = TrainSettings(max_epochs=3, warmup_epochs=1, batch_size=32, bi_switch=2, patience=2)
 THRESHOLD_GATED = ("threshold", "threshold-warmup", "boosted", "l2w")
@@ -154,14 +156,14 @@ def test_report_on_a_compare_run_overlays_methods_and_writes_the_matched_costs(r
     assert all(any(line.startswith(m) for line in text.splitlines()) for m in methods)
 
     # every matched value lies on the method's envelope: at least the best point no dearer than c, at most the best
-    # point overall, and NaN exactly outside the method's cost range
+    # point overall, and NaN exactly below the method's cheapest point
     test = [r for r in rows_of(out) if r["split"] == "test"]
     for entry in table:
         c, acc = float(entry["cost_norm"]), float(entry["accuracy"])
         pts = [r for r in test if r["method"] == entry["method"]
                and (r["method"] != "jei" or r["selected"])]
         costs = [r["cost_norm"] for r in pts]
-        if c < min(costs) or c > max(costs):
+        if c < min(costs):
             assert math.isnan(acc)
             continue
         floor = max(r["accuracy"] for r in pts if r["cost_norm"] <= c)
@@ -221,14 +223,14 @@ def test_upper_envelope_keeps_points_better_than_every_cheaper_one():
         upper_envelope([0.1, 0.2], [0.5])
 
 
-def test_envelope_interpolates_bounds_holds_flat_and_is_nan_outside():
+def test_envelope_interpolates_bounds_holds_flat_and_is_nan_below_the_cheapest_point():
     cost = [0.2, 0.4, 0.6, 0.8]
     acc = [0.50, 0.70, 0.90, 0.85]                 # the last point is dearer and worse: the envelope stays flat
     low, high = [0.40, 0.60, 0.85, 0.80], [0.60, 0.80, 0.95, 0.90]
     a, lo, hi = envelope_at(cost, acc, [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.85], low, high)
-    assert np.allclose(a, [np.nan, 0.50, 0.60, 0.80, 0.90, 0.90, np.nan], equal_nan=True)
-    assert np.allclose(lo, [np.nan, 0.40, 0.50, 0.725, 0.85, 0.85, np.nan], equal_nan=True)
-    assert np.allclose(hi, [np.nan, 0.60, 0.70, 0.875, 0.95, 0.95, np.nan], equal_nan=True)
+    assert np.allclose(a, [np.nan, 0.50, 0.60, 0.80, 0.90, 0.90, 0.90], equal_nan=True)   # flat past the last too
+    assert np.allclose(lo, [np.nan, 0.40, 0.50, 0.725, 0.85, 0.85, 0.85], equal_nan=True)
+    assert np.allclose(hi, [np.nan, 0.60, 0.70, 0.875, 0.95, 0.95, 0.95], equal_nan=True)
     (only,) = envelope_at(cost, acc, 0.3)
     assert only.shape == (1,) and only[0] == pytest.approx(0.6)
 
@@ -259,10 +261,10 @@ def test_matched_costs_on_hand_made_rows_use_the_common_range():
         (0.3, 0.7)
     table = matched_costs(rows, costs=(0.3, 0.5, 0.8))
     by = {(r["method"], r["cost_norm"]): r for r in table}
-    assert by[("jei", 0.5)]["accuracy"] == pytest.approx(0.75) and math.isnan(by[("jei", 0.8)]["accuracy"])
+    assert by[("jei", 0.5)]["accuracy"] == pytest.approx(0.75) and by[("jei", 0.8)]["accuracy"] == 0.9  # held
     assert by[("threshold", 0.3)]["accuracy"] == pytest.approx(0.54)
     assert by[("threshold", 0.8)]["accuracy_ci_high"] == pytest.approx(0.7 + 0.25 * 0.3 / 0.4 + 0.05)
-    assert by[("fixed-ims", 0.5)]["accuracy"] != by[("fixed-ims", 0.5)]["accuracy"]      # NaN: outside 0.45
+    assert by[("fixed-ims", 0.5)]["accuracy"] == 0.6 and math.isnan(by[("fixed-ims", 0.3)]["accuracy"])  # at 0.45
     assert {(r["auc_cost_low"], r["auc_cost_high"]) for r in table} == {(0.3, 0.7)}   # jei and threshold overlap
     assert by[("jei", 0.3)]["auc"] == pytest.approx(0.4 * 0.75)
     assert by[("threshold", 0.3)]["auc"] == pytest.approx(0.2 * (0.54 + 0.7) / 2 + 0.2 * (0.7 + 0.825) / 2)
@@ -284,15 +286,15 @@ def test_common_range_leaves_out_a_narrow_method_that_overlaps_nobody():
 
 
 def test_recipe_converged_trains_only_the_gates_on_converged_ims_and_explicit_options_win(cache, tmp_path):
-    """--recipe converged: the IMs warmed up 12 epochs, then the GATE state only, so its JEI-DNN models are the
-    fixed-ims ablation's exactly; an option given explicitly overrides the recipe."""
+    """--recipe converged, the default: the IMs warmed up until they stop improving, then the GATE state only, so
+    its JEI-DNN models are the fixed-ims ablation's exactly; an option given explicitly overrides the recipe."""
     common = ["--cache", cache, "--lambdas", "0.1,1", "--methods", "jei,fixed-ims", "--batch-size", "32",
               "--device", "cpu", "--no-progress"]
-    result = invoke("compare", *common, "--out", tmp_path / "r", "--recipe", "converged")
+    result = invoke("compare", *common, "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
     train = json.loads((tmp_path / "r" / "settings.json").read_text())["identity"]["train"]
-    assert (train["warmup_epochs"], train["max_epochs"], train["im_loss"], train["targets"]) == (12, 16, "uniform",
-                                                                                              "ifmin")
+    assert train == dataclasses.asdict(default_settings(batch_size=32, device="cpu"))
+    assert (train["warmup_patience"], train["im_loss"], train["targets"]) == (3, "uniform", "ifmin")
     n_batches = math.ceil(SIZES["train"] / 32)
     assert train["bi_switch"] > n_batches * train["max_epochs"]
     rows = rows_of(tmp_path / "r")

@@ -52,3 +52,26 @@ def test_demo_checks_its_options_before_extracting_and_passes_overwrite_on(monke
     res = CliRunner().invoke(cli, ["demo"])
     assert res.exit_code == 1 and "use --overwrite" in res.output and "Traceback" not in res.output
     assert CliRunner().invoke(cli, ["demo", "--overwrite"]).exit_code == 0 and calls[-1].overwrite
+
+
+def test_demo_prints_jei_against_the_threshold_baseline_and_single_exits(tmp_path, monkeypatch):
+    """The demo's steps 2-3 on a tiny cache: JEI-DNN's sweep and the threshold baseline in one compare run, then the
+    sweep table and the matched-cost table of JEI-DNN, threshold and the single exits, and the figures."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from bench.sweep_speed import write_synthetic_cache
+    from extract import run as extract_run
+    from pipeline import cli
+    cache = write_synthetic_cache(tmp_path / "tiny.zarr", {"train": 96, "val": 64, "test": 48}, 3, 8, 4,
+                                  chunk_rows=16)
+    monkeypatch.setattr(demo, "ensure_fashion_mnist", lambda: None)
+    monkeypatch.setattr(extract_run, "run_extraction", lambda s: cache)
+    monkeypatch.setattr(demo, "DEMO", dataclasses.replace(demo.DEMO, run=str(tmp_path / "demo")))
+    res = CliRunner().invoke(cli, ["demo", "--lambdas", "auto:3", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "compare --cache" in res.output and "--methods jei,threshold" in res.output
+    table = res.output[res.output.index("test accuracy (%) at matched cost"):]
+    assert [line.split()[0] for line in table.splitlines()[3:6]] == ["jei", "threshold", "single-exit"]
+    assert (tmp_path / "demo" / "matched_costs.csv").exists() and (tmp_path / "demo" / "accuracy_vs_cost.png").exists()

@@ -21,7 +21,8 @@ from heads import rundir
 from pipeline import cli
 
 SIZES = {"train": 96, "val": 64, "test": 48}
-FAST = ["--max-epochs", "3", "--batch-size", "32", "--bi-switch", "2", "--patience", "2", "--device", "cpu",
+FAST = ["--recipe", "paper", "--max-epochs", "3", "--batch-size", "32", "--bi-switch", "2", "--patience", "2",
+        "--device", "cpu",
         "--no-progress"]
 
 

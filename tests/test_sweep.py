@@ -12,12 +12,12 @@ from bench.sweep_speed import write_synthetic_cache
 from cache.store import open_cache
 from heads import rundir
 from heads.cli import COMMANDS
-from heads.sweep import FitSettings, lambda_range_warnings, next_lambdas, parse_grid, parse_lambdas
+from heads.sweep import lambda_range_warnings, parse_grid, parse_lambdas
 
 SIZES = {"train": 96, "val": 64, "test": 48}
 N_EXITS = 3
-FAST = ["--max-epochs", "4", "--batch-size", "32", "--bi-switch", "2", "--patience", "2", "--device", "cpu",
-        "--no-progress"]
+FAST = ["--recipe", "paper", "--max-epochs", "4", "--batch-size", "32", "--bi-switch", "2", "--patience", "2",
+        "--device", "cpu", "--no-progress"]
 DOCUMENTED = {
     "method", "split", "trial", "exit", "lam", "threshold", "warmup_epochs", "lr", "weight_decay", "selected",
     "accuracy", "accuracy_ci_low", "accuracy_ci_high", "cost_macs", "cost_norm", "cost_norm_ci_low",
@@ -177,31 +177,32 @@ def test_train_with_a_trained_last_head_and_the_default_cache(tmp_path, monkeypa
 
 
 # ---- fit and range checks ----------------------------------------------------------------------------------------
-def test_fit_meets_the_target_cost(tiny_cache, tmp_path):
-    result = invoke("fit", "--cache", tiny_cache, "--target-cost", "0.8", "--points", "3", "--rounds", "1",
+def test_fit_moves_the_most_accurate_model_to_the_target_cost(tiny_cache, tmp_path):
+    """fit: the sweep's selected models get per-exit thresholds on P(E|x) fitted on V1 to the target; the chosen one
+    is the most accurate of those on V2 and spends about the target on V2 and test."""
+    result = invoke("fit", "--cache", tiny_cache, "--target-cost", "0.6", "--lambdas", "0.01,0.3,3",
                     "--thresholds", "none", "--out", tmp_path / "fit", *FAST)
     assert result.exit_code == 0, result.output
-    assert "chosen lambda" in result.output
+    assert "chosen: lambda" in result.output
     rows = results(tmp_path / "fit")[1]
-    chosen = [r for r in rows if r["selected"]]
+    budget = [r for r in rows if r["method"] == "jei-budget"]
+    assert {r["lam"] for r in budget} == {r["lam"] for r in rows if r["method"] == "jei"}
+    chosen = [r for r in budget if r["selected"]]
     assert sorted(r["split"] for r in chosen) == ["test", "v2"]
-    v2 = [r for r in rows if r["method"] == "jei" and r["split"] == "v2"]
-    assert len(v2) >= 3
-    best = next(r for r in chosen if r["split"] == "v2")
-    assert best["cost_norm"] <= 0.8
-    assert best["accuracy"] == max(r["accuracy"] for r in v2 if r["cost_norm"] <= 0.8)
+    v2 = next(r for r in chosen if r["split"] == "v2")
+    assert v2["accuracy"] == max(r["accuracy"] for r in budget if r["split"] == "v2")
+    for r in chosen:
+        assert abs(r["cost_norm"] - 0.6) < 0.1, r["cost_norm"]
+        assert len(r["exit_thresholds"]) == N_EXITS
+    # the chosen model's own rows are marked too, no other trial's
+    assert {r["trial"] for r in rows if r["selected"]} == {v2["trial"]}
     assert not [r for r in rows if r["method"] == "jei-threshold"]
 
 
-def test_next_lambdas_brackets_then_widens():
-    fit = FitSettings(0.5, points=3)
-    scores = [{"lam": 0.1, "cost_norm": 0.9}, {"lam": 1.0, "cost_norm": 0.7}, {"lam": 10.0, "cost_norm": 0.3}]
-    lams, kind = next_lambdas(scores, fit)
-    assert kind == "refine" and np.allclose(lams, np.geomspace(1, 10, 5)[1:-1])
-    lams, kind = next_lambdas([{"lam": 1.0, "cost_norm": 0.9}, {"lam": 2.0, "cost_norm": 0.8}], fit)
-    assert kind == "widen" and min(lams) > 2.0
-    lams, kind = next_lambdas([{"lam": 1.0, "cost_norm": 0.4}, {"lam": 2.0, "cost_norm": 0.3}], fit)
-    assert kind == "widen" and max(lams) < 1.0
+def test_fit_refuses_a_target_below_the_first_exit(tiny_cache, tmp_path):
+    result = invoke("fit", "--cache", tiny_cache, "--target-cost", "0.01", "--lambdas", "1", "--out",
+                    tmp_path / "fit", *FAST)
+    assert result.exit_code != 0 and "first exit's cost" in result.output
 
 
 def test_lambda_range_warnings():
@@ -257,3 +258,33 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
     assert "re-using the trained heads" in messages[0] and result.settings["status"] == "complete"
     fresh = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "fresh", progress=False)
     assert numbers(result.rows) == numbers(fresh.rows)
+
+
+def test_auto_lambdas_parse_and_bad_counts_are_one_line_errors():
+    from heads.sweep import AUTO_POINTS, AutoLambdas, parse_lambda_spec
+    assert parse_lambda_spec("auto") == AutoLambdas(AUTO_POINTS)
+    assert parse_lambda_spec(" AUTO:5 ") == AutoLambdas(5)
+    assert parse_lambda_spec("0.1,1") == [0.1, 1.0]
+    for text in ("auto:1", "auto:x", "auto:0", "auto:-3"):
+        with pytest.raises(ValueError, match="accepted: A:B") as err:
+            parse_lambda_spec(text)
+        assert "\n" not in str(err.value)
+
+
+def test_sweep_by_default_uses_auto_lambdas_and_the_converged_recipe(tiny_cache, tmp_path):
+    args = ["sweep", "--cache", tiny_cache, "--lambdas", "auto:4", "--warmup-epochs", "6", "--max-epochs", "8",
+            "--batch-size", "32", "--device", "cpu", "--no-progress", "--thresholds", "none", "--out", tmp_path / "a"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "lambdas auto: 4 from" in first.output
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert settings["identity"]["lambdas"] == "auto:4"
+    train = settings["identity"]["train"]
+    assert (train["im_loss"], train["targets"], train["warmup_patience"]) == ("uniform", "ifmin", 3)
+    lambdas = settings["lambdas"]
+    assert len(lambdas) == 4 and lambdas == sorted(lambdas) and lambdas[0] < lambdas[-1]
+    rows = results(tmp_path / "a")[1]
+    assert sorted({r["lam"] for r in rows if r["method"] == "jei"}) == lambdas
+    again = invoke(*args)
+    assert again.exit_code == 0 and "re-using the trained heads" in again.output
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["lambdas"] == lambdas

@@ -7,8 +7,8 @@ import torch
 
 from heads.exits import exit_decision, exit_distribution
 from heads.model import StackedHeads
-from heads.train import (SplitTensors, StackedAdam, TrainData, TrainSettings, classifier_loss, gate_loss,
-                         make_train_data, train_stack, warmup, warmup_loss)
+from heads.train import (WARMUP_MIN_GAIN, SplitTensors, StackedAdam, TrainData, TrainSettings, classifier_loss,
+                         default_settings, gate_loss, make_train_data, train_stack, warmup, warmup_loss)
 
 
 def random_split(n, dims, k, seed, with_logits=True):
@@ -199,15 +199,14 @@ def planted_split(n, seed):
 # loss the hard half reaches only ~80% at the last exit: IMs 4-5 receive almost no routed mass, drift under Adam,
 # and the subsequent targets (1 for the easy half after l* = 2) leave their gates near 0.5. ExitIfMin targets or
 # the uniform IM loss avoid this, and those are the two configurations tested.
-@pytest.mark.parametrize("targets,im_loss", [("ifmin", "weighted"), ("subsequent", "uniform")])
-def test_planted_routing(targets, im_loss):
+def planted_data():
     (train, _), (v1, _), (v2, easy) = planted_split(3000, 1), planted_split(400, 2), planted_split(400, 3)
-    data = TrainData(train, v1, v2, torch.arange(1, N_EXITS + 1) / N_EXITS, K)
-    settings = TrainSettings(lr=0.05, batch_size=32, max_epochs=8, bi_switch=25, targets=targets, im_loss=im_loss)
-    trials = [{"lam": 0.5}]
-    warm = warmup(data, settings, trials=trials)
-    heads = train_stack(data, warm, trials, settings)
+    return TrainData(train, v1, v2, torch.arange(1, N_EXITS + 1) / N_EXITS, K), easy
 
+
+def assert_planted_routing(data, easy, warm, heads):
+    """Easy rows leave by exit 3, hard rows at the last; the routed model beats every single exit of its cost."""
+    v2 = data.v2
     logits, g = heads.outputs(v2.features, v2.logits)
     taken = exit_decision(exit_distribution(g))[0]
     assert (taken[easy] <= 2).float().mean() >= 0.9
@@ -221,3 +220,76 @@ def test_planted_routing(targets, im_loss):
     comparable = data.ic_norm <= cost + 1 / N_EXITS
     assert comparable.sum() >= 4
     assert bool((single_acc[comparable] < accuracy).all()), (single_acc, accuracy, cost)
+
+
+@pytest.mark.parametrize("targets,im_loss", [("ifmin", "weighted"), ("subsequent", "uniform")])
+def test_planted_routing(targets, im_loss):
+    data, easy = planted_data()
+    settings = TrainSettings(lr=0.05, batch_size=32, max_epochs=8, bi_switch=25, targets=targets, im_loss=im_loss)
+    trials = [{"lam": 0.5}]
+    warm = warmup(data, settings, trials=trials)
+    heads = train_stack(data, warm, trials, settings)
+    assert_planted_routing(data, easy, warm, heads)
+
+
+def test_planted_routing_with_the_default_recipe_from_converged_ims():
+    """The command line's default (converged IMs, then only the gates): the warm-up stops by itself well before its
+    cap, the bi-level phase never touches the IMs, and the routing is the planted one."""
+    data, easy = planted_data()
+    settings = default_settings(lr=0.05, batch_size=32, warmup_epochs=40, max_epochs=44)
+    trials = [{"lam": 0.5}]
+    warm = warmup(data, settings, trials=trials)
+    assert warm.converged and warm.epochs < 40
+    level = warm.v2_accuracy[:, 0].mean(-1)
+    assert float(level[-1] - level[-1 - settings.warmup_patience]) < WARMUP_MIN_GAIN
+    heads = train_stack(data, warm, trials, settings)
+    start = warm.initial_ims(settings.lr, settings.weight_decay, settings.warmup_epochs)
+    assert all(torch.equal(a, b) for a, b in zip(heads.im_weight, start[0]))
+    assert_planted_routing(data, easy, warm, heads)
+
+
+def test_a_fixed_warmup_runs_every_epoch_and_a_converged_one_serves_longer_trials():
+    data, _ = planted_data()
+    early = warmup(data, TrainSettings(lr=0.05, batch_size=32, max_epochs=41, warmup_epochs=40, warmup_patience=2),
+                   trials=[{"lam": 0.5}])
+    assert early.converged and early.epochs < 40 and early.reaches(40)
+    fixed = warmup(data, TrainSettings(lr=0.05, batch_size=32, max_epochs=41, warmup_epochs=early.epochs + 1),
+                   trials=[{"lam": 0.5}])
+    assert fixed.epochs == early.epochs + 1 and not fixed.converged and not fixed.reaches(early.epochs + 2)
+    # the converged state is the fixed one's at the epoch it stopped (same seeds, same batches)
+    w_early, _ = early.initial_ims(0.05, 5e-4, 40)
+    w_fixed, _ = fixed.initial_ims(0.05, 5e-4, early.epochs)
+    assert all(torch.equal(a, b) for a, b in zip(w_early, w_fixed))
+
+
+def test_auto_lambdas_span_the_cost_axis_on_planted_costs():
+    """`--lambdas auto` on the planted problem: the smallest lambda's targets ask for the accurate routing (easy rows
+    early, hard rows at the last exit) and its trained model routes so; the largest sends (almost) everything to
+    exit 1 and its trained model does too."""
+    from heads.sweep import AUTO_FIRST_SHARE, AUTO_LOW_SLACK, auto_lambdas, target_cost
+    data, easy = planted_data()
+    settings = default_settings(lr=0.05, batch_size=32, warmup_epochs=40, max_epochs=44)
+    warm = warmup(data, settings, trials=[{"lam": 1.0}])
+    ims = StackedHeads.init(data.exit_dims, K, 1, False, 0, "cpu")
+    ims.im_weight, ims.im_bias = warm.initial_ims(settings.lr, settings.weight_decay, settings.warmup_epochs)
+    ic = data.ic_norm.double().numpy()
+
+    def ce(split):
+        z = ims.outputs(split.features, split.logits)[0][0].double()
+        return (torch.logsumexp(z, -1) - z.gather(-1, split.labels[:, None, None].expand(-1, N_EXITS, 1))[..., 0]).numpy()
+
+    v2_acc = (ims.outputs(data.v2.features, data.v2.logits)[0][0].argmax(-1) == data.v2.labels[:, None]).float().mean(0)
+    accurate = float(ic[int(v2_acc.argmax())])
+    assert accurate == 1.0                                   # only the last exit solves the hard half
+    lambdas = auto_lambdas(ce(data.v1), ic, 6)
+    assert len(lambdas) == 6 and lambdas == sorted(lambdas)
+    v1_ce = ce(data.v1)
+    first = ic[(v1_ce + lambdas[-1] * ic).argmin(1)] == ic[0]
+    assert first.mean() >= AUTO_FIRST_SHARE
+    # the smallest asks for what lambda -> 0 asks, less the slack: here the last exit for the hard half of the rows
+    assert target_cost(v1_ce, ic, lambdas[0]) >= target_cost(v1_ce, ic, 0.0) - AUTO_LOW_SLACK
+    assert target_cost(v1_ce, ic, lambdas[0]) >= 0.5 * accurate
+    heads = train_stack(data, warm, [{"lam": lambdas[0]}, {"lam": lambdas[-1]}], settings)
+    taken = exit_decision(exit_distribution(heads.outputs(data.v2.features, data.v2.logits)[1]))
+    assert (taken[0, ~easy] == N_EXITS - 1).float().mean() >= 0.9     # accurate end: hard rows reach the last exit
+    assert (taken[1] == 0).float().mean() >= 0.9                      # cheap end: exit 1

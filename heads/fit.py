@@ -1,0 +1,75 @@
+"""`fit --target-cost C`: one model that spends C of the full network's Mul-Adds, with the most accurate exits
+JEI-DNN's gates can give at that cost.
+
+    run = fit_target_cost("cache/x.zarr", FitSettings(target_cost=0.4), default_settings(), "runs/fit")
+
+JEI-DNN's lambda sets the cost only indirectly (the paper's stated limitation). A fit trains the lambda sweep
+(heads/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to the
+target after training: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of samples
+leaving at each exit follow MSDNet's budget p^k with p chosen to spend exactly the target on V1
+(heads/thresholds.py budget_for_cost, fit_thresholds). Of those budgeted models the one most accurate on V2 is
+chosen; V2 and test are evaluated unchanged. Rows: every trial as in a sweep ("jei"), plus one "jei-budget" row per
+split and selected model at the target; the chosen model's rows (its "jei" and "jei-budget" rows) are `selected`,
+and its per-exit thresholds are in the exit_thresholds column.
+"""
+import time
+from dataclasses import dataclass
+
+from heads.baselines import threshold_points
+from heads.compare import BUDGET_METHOD, point_rows, selected_models
+from heads.sweep import (
+    DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, evaluate_group, lambda_identity,
+    select_per_lambda, trained_groups,
+)
+from heads.thresholds import budget_for_cost
+from heads.train import TrainSettings
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    target_cost: float                       # Mul-Adds to spend, as a fraction of IC^L
+    lambdas: "tuple[float, ...] | AutoLambdas" = AutoLambdas()
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+
+    def __post_init__(self):
+        if not 0 < self.target_cost <= 1:
+            raise ValueError(f"the target cost is a fraction of the full network's Mul-Adds in (0, 1], "
+                             f"got {self.target_cost}")
+
+
+def budget_rows(session: Session, groups: list[dict], selected: set, target: float,
+                settings: TrainSettings) -> list[dict]:
+    """Rows "jei-budget" (v2, test) of every selected model moved to `target` on V1 (module docstring)."""
+    ic_norm = session.costs / session.costs[-1]
+    p = budget_for_cost(ic_norm, target)
+    rows = []
+    for model in selected_models(session, groups, selected):
+        points = threshold_points(BUDGET_METHOD, model.logits, model.labels, [p], model.extra,
+                                  confidence=model.confidence)
+        rows += point_rows(session, points, settings)
+    return rows
+
+
+def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,
+                    progress: bool = True, log=print) -> RunResult:
+    """Train the sweep, move each selected model to the target cost, keep the most accurate on V2 (module doc)."""
+    from cache.store import open_cache
+
+    with open_cache(cache_path) as cache:
+        identity = {"fit": {"target_cost": fit.target_cost, "lambdas": lambda_identity(fit.lambdas),
+                            "thresholds": list(fit.thresholds)}}
+        run = Run(out, cache, "fit", settings, identity, overwrite)
+        session = Session(cache, settings, progress)
+        first = session.costs[0] / session.costs[-1]
+        if not fit.target_cost > first:
+            raise ValueError(f"a target cost of {fit.target_cost:g} is not above the first exit's cost {first:.3f}: "
+                             "no model can spend less")
+        groups = trained_groups(run, session, settings, fit.lambdas, (), log)
+        run.write_status("evaluating")
+        start = time.perf_counter()
+        rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
+        budget = budget_rows(session, groups, select_per_lambda(rows), fit.target_cost, settings)
+        run.timings["evaluate_seconds"] = time.perf_counter() - start
+        best = max((r for r in budget if r["split"] == "v2"),
+                   key=lambda r: (r["accuracy"], -r["cost_norm"], -r["trial"]))
+        return run.finish(session, groups, rows + budget, {best["trial"]}, fit.thresholds, warn=False)
