@@ -264,7 +264,9 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     _summarise(result)
     chosen = {r["split"]: r for r in result.rows if r["method"] == "jei-budget" and r["selected"]}
     test, v2 = chosen["test"], chosen["v2"]
-    click.echo(f"chosen: lambda {test['lam']:.4g} with exit thresholds on P(E|x) fitted on V1 (V2 cost "
+    how = (f"one threshold {test['exit_thresholds'][0]:.6g} on P(E|x) for every exit" if math.isnan(test["p"])
+           else f"per-exit thresholds on P(E|x) for MSDNet's budget p = {test['p']:.4g}")
+    click.echo(f"chosen: lambda {test['lam']:.4g} with {how}, fitted on V1 (V2 cost "
                f"{v2['cost_norm']:.3f}, target {target_cost:g}): test accuracy {test['accuracy']:.4f} "
                f"[{test['accuracy_ci_low']:.4f}, {test['accuracy_ci_high']:.4f}], test cost {test['cost_norm']:.3f} "
                f"of IC^L ({test['cost_macs']:.4g} Mul-Adds), ECE {test['ece']:.4f} -> {test['ece_temp']:.4f} after "

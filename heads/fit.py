@@ -6,22 +6,29 @@ JEI-DNN's gates can give at that cost.
 JEI-DNN's lambda sets the cost only indirectly (the paper's stated limitation). A fit trains the lambda sweep
 (heads/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to the
 target after training: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of samples
-leaving at each exit follow MSDNet's budget p^k with p chosen to spend exactly the target on V1
+leaving at each exit follow MSDNet's budget p^k, with p chosen so that they spend as much as possible, but no more than the target, on V1
 (heads/thresholds.py budget_for_cost, fit_thresholds). Of those budgeted models the one most accurate on V2 is
-chosen; V2 and test are evaluated unchanged. Rows: every trial as in a sweep ("jei"), plus one "jei-budget" row per
-split and selected model at the target; the chosen model's rows (its "jei" and "jei-budget" rows) are `selected`,
+chosen; V2 and test are evaluated unchanged. The same is done with one threshold shared by every exit (the gates'
+own rule P(E^l|x) > t with t moved away from 0.5, which keeps the shares the gates learned; `predict --threshold t`
+deploys it), when that can reach the target. Rows: every trial as in a sweep ("jei"), plus "jei-budget" rows (v2,
+test) per selected model and way at the target; the chosen point's rows and its trial's "jei" rows are `selected`,
 and its per-exit thresholds are in the exit_thresholds column.
 """
+import math
 import time
 from dataclasses import dataclass
 
-from heads.baselines import threshold_points
+import numpy as np
+import torch
+
+from heads.baselines import MethodPoint, threshold_points
 from heads.compare import BUDGET_METHOD, point_rows, selected_models
 from heads.sweep import (
     DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, evaluate_group, lambda_identity,
     select_per_lambda, trained_groups,
 )
-from heads.thresholds import budget_for_cost
+from heads.evaluate import ExitOutputs
+from heads.thresholds import budget_for_cost, exit_by_thresholds, shared_threshold_for_cost
 from heads.train import TrainSettings
 
 
@@ -39,15 +46,34 @@ class FitSettings:
 
 def budget_rows(session: Session, groups: list[dict], selected: set, target: float,
                 settings: TrainSettings) -> list[dict]:
-    """Rows "jei-budget" (v2, test) of every selected model moved to `target` on V1 (module docstring)."""
+    """Rows "jei-budget" (v2, test) of every selected model moved to `target` on V1, two ways each (module
+    docstring): MSDNet's budget shares p^k, and one threshold shared by every exit."""
     ic_norm = session.costs / session.costs[-1]
-    p = budget_for_cost(ic_norm, target)
     rows = []
     for model in selected_models(session, groups, selected):
+        p = budget_for_cost(model.confidence["v1"], ic_norm, target)
         points = threshold_points(BUDGET_METHOD, model.logits, model.labels, [p], model.extra,
                                   confidence=model.confidence)
+        shared = shared_threshold_for_cost(model.confidence["v1"], ic_norm, target)
+        if shared is not None:
+            points.append(_shared_point(model, shared))
         rows += point_rows(session, points, settings)
     return rows
+
+
+def _shared_point(model, threshold: float) -> MethodPoint:
+    """The model's exits at one threshold for every exit (P(E^l|x) > threshold) as a budget point; its per-exit
+    thresholds are stored as the smallest float above it, since exit_by_thresholds tests >=."""
+    n_exits = model.confidence["v1"].shape[1]
+    above = float(np.nextafter(threshold, np.inf))
+    thresholds = torch.full((n_exits,), above, dtype=torch.float64)
+    thresholds[-1] = -math.inf
+    exits = {s: exit_by_thresholds(c, thresholds).cpu().numpy() for s, c in model.confidence.items()}
+    info = {"p": math.nan, "thresholds": thresholds.tolist(),
+            "fractions": (np.bincount(exits["v1"], minlength=n_exits) / len(exits["v1"])).tolist(),
+            "v1_exit_hist": np.bincount(exits["v1"], minlength=n_exits).tolist(), **model.extra}
+    return MethodPoint(BUDGET_METHOD, math.nan, ExitOutputs(model.logits["v2"], exits["v2"], model.labels["v2"]),
+                       ExitOutputs(model.logits["test"], exits["test"], model.labels["test"]), info)
 
 
 def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,
@@ -70,6 +96,8 @@ def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, 
         rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
         budget = budget_rows(session, groups, select_per_lambda(rows), fit.target_cost, settings)
         run.timings["evaluate_seconds"] = time.perf_counter() - start
-        best = max((r for r in budget if r["split"] == "v2"),
-                   key=lambda r: (r["accuracy"], -r["cost_norm"], -r["trial"]))
+        best = max((r for r in budget if r["split"] == "v2"), key=lambda r: (r["accuracy"], r["cost_norm"]))
+        for row in budget:        # of the chosen trial's budgeted points, only the chosen one
+            row["selected"] = row["trial"] == best["trial"] and list(row["exit_thresholds"]) == \
+                list(best["exit_thresholds"])
         return run.finish(session, groups, rows + budget, {best["trial"]}, fit.thresholds, warn=False)

@@ -538,8 +538,8 @@ class Run:
         """Marks the selected trials, adds their threshold curves and the single-exit references, writes
         results.parquet and the final settings.json."""
         start = time.perf_counter()
-        for row in rows:
-            row["selected"] = row["trial"] in selected
+        for row in rows:                            # a row may come marked already (fit: its chosen point only)
+            row.setdefault("selected", row["trial"] in selected)
         for group in groups:
             if group["group"] != REFERENCE_GROUP and thresholds:
                 rows += evaluate_group(session, group, thresholds, only=selected)

@@ -106,22 +106,52 @@ def budget_sweep(conf_v1: torch.Tensor, conf_eval: dict, p_grid=DEFAULT_P_GRID) 
     return points
 
 
-def budget_for_cost(ic_norm, target: float, lo: float = 1e-6, hi: float = 1e6) -> float:
-    """The budget parameter p whose shares (budget_fractions) spend a mean normalised cost of `target`:
-    sum_k f_k(p) IC_norm^k grows with p (the shares move to later exits), so bisect log p. ValueError when the
-    target lies below the first exit's cost (nothing is that cheap)."""
-    ic_norm = torch.as_tensor(np.asarray(ic_norm, dtype=np.float64))
+def budget_for_cost(confidence: torch.Tensor, ic_norm, target: float, lo: float = 1e-6, hi: float = 1e6,
+                    steps: int = 60) -> float:
+    """The budget parameter p whose thresholds, fitted on `confidence` (N, L) with fit_thresholds, spend the most
+    mean normalised cost that is still <= target on those samples. The shares of budget_fractions move to later
+    exits as p grows, so log p is bisected on the cost the fitted thresholds really give: saturated confidences
+    tie (many exactly 1.0) and a tie leaves together, so the shares alone would overshoot at the early exits and
+    spend less than asked. ValueError when the target lies below the first exit's cost."""
+    ic_norm = np.asarray(ic_norm, dtype=np.float64)
     n_exits = ic_norm.shape[0]
     if not target > float(ic_norm[0]):
         raise ValueError(f"a target cost of {target:g} lies at or below the first exit's cost {float(ic_norm[0]):.3f}")
 
     def spent(p):
-        return float(budget_fractions(p, n_exits) @ ic_norm)
+        _, exits = fit_thresholds(confidence, budget_fractions(p, n_exits))
+        return float(ic_norm[exits.cpu().numpy()].mean())
 
     if spent(hi) <= target:
         return hi
-    for _ in range(100):
+    for _ in range(steps):
         mid = math.sqrt(lo * hi)
+        if spent(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def shared_threshold_for_cost(confidence: torch.Tensor, ic_norm, target: float, steps: int = 50) -> float | None:
+    """One threshold t for every exit (a sample leaves at the first exit whose confidence exceeds t: the learned
+    gates' own rule with t in place of 0.5) that spends the most mean normalised cost still <= target on these
+    samples; cost grows with t, so t is bisected. None when even the largest t spends less than target - 0.03 or
+    the smallest more than target (the rule cannot be moved that far)."""
+    ic_norm = np.asarray(ic_norm, dtype=np.float64)
+
+    def spent(t):
+        leaves = confidence > t
+        leaves[:, -1] = True
+        return float(ic_norm[leaves.int().argmax(1).cpu().numpy()].mean())
+
+    lo, hi = 0.0, float(np.nextafter(1.0, 0.0))
+    if spent(lo) > target or spent(hi) < target - 0.03:
+        return None
+    if spent(hi) <= target:
+        return hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
         if spent(mid) <= target:
             lo = mid
         else:

@@ -213,3 +213,34 @@ def test_run_baselines_rejects_bad_requests():
         run_baselines(other, test, ["threshold"], SETTINGS)
     with pytest.raises(ValueError, match="l2w_epsilon"):
         BaselineSettings(l2w_epsilon=0.0)
+
+
+def test_budget_for_cost_spends_at_most_the_target_even_with_tied_confidences():
+    from heads.thresholds import budget_for_cost
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(2000, 5, generator=g, dtype=torch.float64)
+    conf[:600, :3] = 1.0                                  # saturated gates: ties at the early exits
+    ic_norm = np.array([0.1, 0.3, 0.5, 0.7, 1.0])
+    for target in (0.35, 0.5, 0.8):
+        p = budget_for_cost(conf, ic_norm, target)
+        _, exits = fit_thresholds(conf, budget_fractions(p, 5))
+        spent = ic_norm[exits.numpy()].mean()
+        assert target - 0.02 <= spent <= target, (target, spent)
+    with pytest.raises(ValueError, match="first exit's cost"):
+        budget_for_cost(conf, ic_norm, 0.05)
+
+
+def test_shared_threshold_for_cost_moves_the_gates_own_rule_to_the_target():
+    from heads.thresholds import shared_threshold_for_cost
+    g = torch.Generator().manual_seed(1)
+    conf = torch.rand(2000, 5, generator=g, dtype=torch.float64)
+    conf[:, -1] = 1.0
+    ic_norm = np.array([0.1, 0.3, 0.5, 0.7, 1.0])
+    t = shared_threshold_for_cost(conf, ic_norm, 0.4)
+    leaves = conf > t
+    spent = ic_norm[leaves.int().argmax(1).numpy()].mean()
+    assert 0.38 <= spent <= 0.4
+    assert shared_threshold_for_cost(conf, ic_norm, 0.05) is None     # even t = 0 spends more (exit 1 costs 0.1)
+    saturated = conf.clone()
+    saturated[:, 0] = 1.0                              # a saturated first gate fires at any t < 1: cost 0.1 at most
+    assert shared_threshold_for_cost(saturated, ic_norm, 0.6) is None
