@@ -277,11 +277,11 @@ def _first_line(err: BaseException) -> str:
 
 def _remove_cache(path: Path):
     """Deletes a cache (or a staging store) for overwrite; refuses anything that is not one."""
-    shutil.rmtree(journal_path(path), ignore_errors=True)   # its ranks' records: only ever beside a store
-    if not path.exists():
-        return
-    RawStore(path).close()   # raises CacheError when `path` is not a cache: never delete a stranger's files
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if path.exists():
+        RawStore(path).close()   # raises CacheError when `path` is not a cache: never delete a stranger's files
+    shutil.rmtree(journal_path(path), ignore_errors=True)   # its ranks' records (a folder only this program names)
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _create_zarr(path: Path, attrs: dict):
