@@ -28,6 +28,15 @@ per-exit costs and class names too, and costs must be positive and non-decreasin
 cache with bad chunks marks exactly those not done and re-extracts them. Caches of format version 1 (no
 checksums) are still read, with a one-line warning. One process writes a store at a time (cache/lock.py).
 
+Ranks (torchrun, extract/distributed.py). The `done` and `checksums` arrays hold many chunks per file, so two
+processes must not write them. Under torchrun rank 0 holds the lock for the whole run and the ranks write disjoint
+row chunks of the data arrays (one zarr chunk file each), but record each finished chunk in a journal beside the
+store (`<store>.ranks/<split>.<chunk>.r<rank>`: the chunk's checksums, written after its data, by atomic rename)
+instead of the shared arrays. Only the lock holder folds the journal into `checksums` and `done` (after checking
+every recorded chunk against its checksums, so a record that does not match the data leaves its chunk pending):
+when it opens the store (the journal of a killed run, whatever its number of ranks) and in finish(), before it
+verifies the store and sets `complete`. The folded store is the one a single process writes.
+
 Reading: whole splits are read in large contiguous row blocks (random row reads from zarr/HDF5 are ~100x slower
 than from RAM), into RAM or straight onto a torch device; `iter_blocks` streams splits that do not fit.
 """
@@ -203,6 +212,12 @@ def staging_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial.zarr")
 
 
+def journal_path(store_path: Path) -> Path:
+    """Where the ranks of a distributed extraction record the chunks they finished (see the module's doc)."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".ranks")
+
+
 class RawStore:
     """attrs + arrays of a zarr or HDF5 cache, read-only unless mode='r+' (zarr only)."""
 
@@ -262,10 +277,11 @@ def _first_line(err: BaseException) -> str:
 
 def _remove_cache(path: Path):
     """Deletes a cache (or a staging store) for overwrite; refuses anything that is not one."""
-    if not path.exists():
-        return
-    RawStore(path).close()   # raises CacheError when `path` is not a cache: never delete a stranger's files
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if path.exists():
+        RawStore(path).close()   # raises CacheError when `path` is not a cache: never delete a stranger's files
+    shutil.rmtree(journal_path(path), ignore_errors=True)   # its ranks' records (a folder only this program names)
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _create_zarr(path: Path, attrs: dict):
@@ -273,6 +289,7 @@ def _create_zarr(path: Path, attrs: dict):
     tmp = path.with_name(path.name + ".partial-new")
     if tmp.exists():
         shutil.rmtree(tmp)   # a creation killed earlier: ours by name, and never renamed into place
+    shutil.rmtree(journal_path(path), ignore_errors=True)   # records of a store that is gone: never fold them
     path.parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(tmp, mode="w", attributes=attrs)
     for split in attrs["layout"]["splits"]:
@@ -284,11 +301,13 @@ def _create_zarr(path: Path, attrs: dict):
 
 # ---------------------------------------------------------------- writer
 
-def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", overwrite: bool = False):
+def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", overwrite: bool = False,
+                     rank: int | None = None):
     """Opens the cache at `path` for writing: a new one, or the existing one when its identity matches
     (else a CacheError naming each differing field). overwrite=True replaces whatever cache is there.
     The writer holds the store's lock (cache/lock.py) until finish() or close(). A complete cache whose chunks
-    fail verification is reopened with exactly those chunks pending."""
+    fail verification is reopened with exactly those chunks pending. A journal left by the ranks of a killed
+    distributed run is folded in. rank (rank 0 of a distributed run): its chunks go to the journal too."""
     if fmt not in FORMATS:
         raise CacheError(f"unknown cache format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
@@ -309,7 +328,17 @@ def create_or_resume(path, manifest: dict, layout: dict, fmt: str = "zarr", over
         lock.release()
         raise
     writer.hold(lock)
+    writer.rank = rank
     return writer
+
+
+def open_rank_writer(store_path, rank: int) -> "CacheWriter":
+    """The writer of a rank other than 0 in a distributed extraction: writes the data of its chunks and records
+    them in the journal. It takes no lock (rank 0 holds it for the run) and never folds or finishes."""
+    store_path = Path(store_path)
+    store = RawStore(store_path)
+    store.close()
+    return CacheWriter(store_path, store_path, store.attrs, rank=rank, fold=False)
 
 
 def _open_for_writing(path: Path, store_path: Path, attrs: dict, fmt: str, overwrite: bool):
@@ -401,16 +430,25 @@ def _copy_rows(a, out, layout: dict, skip_errors: bool = False):
 
 
 class CacheWriter:
-    """Writes row chunks of a cache being built; finish() verifies it and marks it complete."""
+    """Writes row chunks of a cache being built; finish() verifies it and marks it complete. With a `rank`
+    (distributed extraction) a chunk's checksums and done flag go to the journal instead (folded by the lock
+    holder); fold=False for ranks other than 0, which hold no lock."""
 
-    def __init__(self, path: Path, store_path: Path, attrs: dict, complete: bool = False):
-        self.path, self.manifest, self.complete = path, attrs, complete
+    def __init__(self, path: Path, store_path: Path, attrs: dict, complete: bool = False, rank: int | None = None,
+                 fold: bool = True):
+        self.path, self.manifest, self.complete, self.rank = path, attrs, complete, rank
         self.layout, self.fingerprint = attrs["layout"], attrs["fingerprint"]
         self.chunk_rows = self.layout["chunk_rows"]
         self._store_path, self._lock = store_path, None
-        if complete and store_path != path and store_path.exists():
-            shutil.rmtree(store_path)   # killed after the HDF5 rename, before the staging store was removed
+        self.journal = journal_path(store_path)
+        self._store_id = f"{attrs.get('created')}/{attrs['fingerprint']}"   # records of this store only
+        if complete:
+            if store_path != path and store_path.exists():
+                shutil.rmtree(store_path)   # killed after the HDF5 rename, before the staging store was removed
+            shutil.rmtree(self.journal, ignore_errors=True)   # killed after `complete`, before its removal
         self._store = None if complete else RawStore(store_path, mode="r+")
+        if fold and not complete:
+            self.fold_journal()
 
     def hold(self, lock):
         """Keeps the store's lock until finish() or close(); a complete cache needs none."""
@@ -472,14 +510,92 @@ class CacheWriter:
             raise CacheError(f"{where}: labels outside [0, {k})")
         for name, value in arrays.items():
             self._store.array(f"{split}/{name}")[start:stop] = value
-        self._store.array(f"{split}/checksums")[i] = [checksum(arrays[n]) for n in data_names(self.layout, split)]
+        crcs = [checksum(arrays[n]) for n in data_names(self.layout, split)]
+        if self.rank is not None:
+            self._record(split, i, crcs)   # the shared arrays are the lock holder's (fold_journal)
+            return
+        self._store.array(f"{split}/checksums")[i] = crcs
         self._store.array(f"{split}/done")[i] = 1   # after the data and checksums: a done chunk is always whole
+
+    def _record(self, split: str, i: int, crcs: list):
+        """Journals one finished chunk (after its data): the file appears whole, by rename."""
+        self.journal.mkdir(exist_ok=True)
+        name = f"{split}.{i}.r{self.rank}"
+        tmp = self.journal / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"store": self._store_id, "checksums": [int(c) for c in crcs]}))
+        os.replace(tmp, self.journal / name)
+
+    def journal_records(self) -> dict:
+        """split -> {chunk: checksums} of the journal's records for this store (others are ignored)."""
+        found = {}
+        for entry in os.scandir(self.journal) if self.journal.is_dir() else ():
+            parts = entry.name.split(".")
+            if len(parts) != 3 or parts[0] not in self.layout["splits"] or not parts[1].isdigit():
+                continue   # a temporary file of a killed write, or not ours
+            try:
+                record = json.loads(Path(entry.path).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("store") == self._store_id:
+                found.setdefault(parts[0], {})[int(parts[1])] = record.get("checksums")
+        return found
+
+    def fold_journal(self) -> int:
+        """Moves the journal's records into `checksums` and `done` (lock holder only): each recorded chunk is
+        read back and kept only when every array matches its recorded checksum; the others stay pending.
+        Returns the number of chunks marked done. Rerunnable at any point (a kill leaves the records)."""
+        if not self.journal.is_dir():
+            return 0
+        folded = 0
+        for split, records in self.journal_records().items():
+            names = data_names(self.layout, split)
+            n = num_chunks(self.layout, split)
+            good = {i: c for i, c in records.items()
+                    if 0 <= i < n and isinstance(c, list) and len(c) == len(names)}
+            for col, name in enumerate(names):
+                good = self._matching(split, name, col, good)
+            if not good:
+                continue
+            chunks = sorted(good)
+            crcs = np.asarray(self._store.array(f"{split}/checksums")[:])
+            crcs[chunks] = np.asarray([good[i] for i in chunks], dtype=np.uint32)
+            self._store.array(f"{split}/checksums")[:] = crcs
+            done = np.asarray(self._store.array(f"{split}/done")[:])
+            done[chunks] = 1   # after the checksums, as in write_chunk
+            self._store.array(f"{split}/done")[:] = done
+            folded += len(chunks)
+        shutil.rmtree(self.journal, ignore_errors=True)
+        return folded
+
+    def _matching(self, split: str, name: str, col: int, records: dict) -> dict:
+        """The records whose chunk of `name` reads back with the recorded checksum (read in large blocks)."""
+        if not records:
+            return records
+        a, rows = self._store.array(f"{split}/{name}"), self.chunk_rows
+        row_bytes = np.dtype(a.dtype).itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+        step = block_rows(self.layout, row_bytes) // rows   # chunks per read
+        keep, wanted = {}, sorted(records)
+        while wanted:
+            first = wanted[0]
+            last = max(i for i in wanted if i < first + step)
+            start, stop = first * rows, min((last + 1) * rows, a.shape[0])
+            try:
+                block = np.asarray(a[start:stop])
+            except Exception:   # an unreadable chunk file: its chunk stays pending
+                block = None
+            for i in [w for w in wanted if w <= last]:
+                r0 = i * rows - start
+                if block is not None and checksum(block[r0:r0 + rows]) == records[i][col]:
+                    keep[i] = records[i]
+            wanted = [w for w in wanted if w > last]
+        return keep
 
     def finish(self) -> Path:
         """Verifies every chunk and value, then writes the `complete` flag last; returns the cache's path."""
         if self.complete:
             return self.path
         from .verify import store_problems   # verify builds on this module
+        self.fold_journal()   # the chunks the ranks of a distributed run wrote
         problems = store_problems(self._store, require_complete=False)
         if problems:
             raise CacheError(f"cannot finish {self.path}: {'; '.join(problems[:5])}")

@@ -1,6 +1,7 @@
 """`extract` (fill a feature cache) and `costs` (per-exit Mul-Adds) commands.
 
     python pipeline.py extract --backbone t2t_vit_7 --weights ckpt.pth.tar --dataset cifar10 --data-dir data
+    torchrun --nproc_per_node=4 pipeline.py extract ...    # one rank per GPU (extract/distributed.py)
     python pipeline.py costs --backbone t2t_vit_14 --num-classes 100 --img-size 224 --json
 """
 import json
@@ -44,7 +45,9 @@ def source_options(f):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--chunk-rows", type=int, default=64, show_default=True,
               help="Rows per stored chunk (batch size and chunk rows must divide one another).")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--num-workers", type=int, default=None,
+              help="DataLoader worker processes (default: 0 on a CPU; on a GPU, the CPUs shared among the ranks, "
+                   "at most 8 per rank).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_classes, tokens, views, split_seed,
@@ -53,6 +56,7 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
     import torch
 
     from cache.store import CacheError
+    from .distributed import OtherRankFailed
     from .run import ExtractionError, ExtractSettings, run_extraction
     try:
         settings = ExtractSettings(
@@ -64,6 +68,8 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
         raise click.UsageError(str(err)) from None
     try:
         path = run_extraction(settings)
+    except OtherRankFailed:   # torchrun: the rank that failed printed why
+        raise SystemExit(1) from None
     except (ValueError, CacheError, ExtractionError) as err:
         raise click.ClickException(str(err)) from None
     except OSError as err:   # zarr's writes raise ENOSPC and the like without a file name: name the cache
@@ -72,7 +78,8 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
     except torch.OutOfMemoryError:
         raise click.ClickException(f"out of memory at batch size {batch_size}; lower --batch-size "
                                    "(the cache resumes where it stopped)") from None
-    click.echo(str(path))
+    if path is not None:   # None: a torchrun rank other than 0
+        click.echo(str(path))
 
 
 @click.command("costs")

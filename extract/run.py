@@ -8,9 +8,15 @@ Rows are processed on a fixed grid of batches (batch b = rows [b*B, (b+1)*B)), b
 chunk's rows always come from the same images, so a resumed cache is byte-identical to an uninterrupted one on
 the same device and batch size. The backbone computes under torch.no_grad() (autocast on CUDA) while a single
 background thread writes finished chunks (bounded queue: memory stays flat).
+
+Under torchrun (`torchrun --nproc_per_node=N pipeline.py extract ...`) every rank runs this on its own device and
+the fixed-grid row groups are dealt out among the ranks (_run_ranks); a group is computed exactly as a single
+process computes it, so the cache is byte-identical to a one-process extraction on the same kind of device.
 """
 import contextlib
+import dataclasses
 import hashlib
+import os
 import queue
 import sys
 import threading
@@ -23,8 +29,9 @@ import timm
 import torch
 from tqdm import tqdm
 
-from cache.store import DEFAULT_CHUNK_ROWS, FORMAT_VERSION, FORMATS, create_or_resume, fingerprint
+from cache.store import DEFAULT_CHUNK_ROWS, FORMAT_VERSION, FORMATS, create_or_resume, fingerprint, open_rank_writer
 
+from . import distributed
 from .backbones import backbone_data_config, load_backbone
 from .costs import exit_costs
 from .datasets import DATASETS, DataSettings, load_splits
@@ -33,6 +40,8 @@ NORMALIZE = ("backbone", "dataset")   # mean/std: the backbone's pretrained conf
 SPLITS = ("train", "val", "test")
 RANDOM_INIT_SEED = 0                  # random-init backbones must be the same network on every run and resume
 WRITE_QUEUE = 8                       # chunks waiting for the writer thread
+MAX_WORKERS = 8                       # default DataLoader workers per GPU rank: decoding small images keeps up
+PROGRESS_EVERY = 1.0                  # seconds between refreshes of a distributed run's progress bar
 
 
 class ExtractionError(RuntimeError):
@@ -58,7 +67,7 @@ class ExtractSettings:
     overwrite: bool = False
     batch_size: int = 64
     chunk_rows: int = DEFAULT_CHUNK_ROWS
-    num_workers: int = 0
+    num_workers: int | None = None      # None: 0 on a CPU, from the CPU count on a GPU
     device: str | None = None           # None: cuda when available, else cpu
     progress: bool = True
 
@@ -69,7 +78,7 @@ class ExtractSettings:
             raise ValueError(f"unknown format {self.fmt!r}; choose one of {', '.join(FORMATS)}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}")
-        if self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
+        if self.batch_size < 1 or self.chunk_rows < 1 or (self.num_workers or 0) < 0:
             raise ValueError("batch size and chunk rows must be >= 1, workers >= 0")
         b, c = self.batch_size, self.chunk_rows
         if b % c and c % b:
@@ -193,7 +202,10 @@ def _groups(pending: list[int], chunk_rows: int, group_rows: int, n: int) -> lis
 
 
 def run_extraction(s: ExtractSettings) -> Path:
-    """Fills (or resumes) the cache of `s`; returns its path. Already-complete caches are left as they are."""
+    """Fills (or resumes) the cache of `s`; returns its path. Already-complete caches are left as they are.
+    Under torchrun every rank calls this; the ranks share the work (_run_ranks)."""
+    if distributed.launched():
+        return _run_ranks(s)
     backbone, splits, manifest, layout, device = prepare(s)
     out = Path(s.out) if s.out else default_out(s, manifest)
     writer = create_or_resume(out, manifest, layout, fmt=s.fmt, overwrite=s.overwrite)
@@ -205,18 +217,49 @@ def run_extraction(s: ExtractSettings) -> Path:
         writer.close()   # the store's lock (the cache stays resumable)
 
 
+def _work(s: ExtractSettings, writer, pending: dict) -> dict:
+    """split -> the fixed-grid row groups that hold pending chunks (each group is computed as one unit)."""
+    return {split: _groups(sorted(pending[split]), s.chunk_rows, max(s.batch_size, s.chunk_rows),
+                           writer.num_rows(split)) for split in SPLITS}
+
+
 def _fill(s: ExtractSettings, writer, backbone, splits, layout, manifest, device, out: Path) -> Path:
     pending = {split: set(writer.pending_chunks(split)) for split in SPLITS}
-    work = {split: _groups(pending[split], s.chunk_rows, max(s.batch_size, s.chunk_rows), writer.num_rows(split))
-            for split in SPLITS}
+    work = _work(s, writer, pending)
     total = sum(b - a for ranges in work.values() for a, b in ranges)
+    bar = tqdm(total=total, unit="img", desc=f"extract {out.name}", disable=not s.progress, dynamic_ncols=True,
+               file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        _compute_and_write(s, writer, backbone, splits, layout, manifest, device, work, pending, bar)
+    finally:
+        bar.close()
+    path = writer.finish()
+    if s.progress and total:
+        elapsed = time.perf_counter() - started
+        print(f"{total} rows in {elapsed:.1f} s ({total / elapsed:.0f} img/s)", file=sys.stderr)
+    return path
+
+
+def _workers(s: ExtractSettings, device: torch.device, ranks_here: int = 1) -> int:
+    """DataLoader workers: as asked; by default none on a CPU (they would compete with the backbone for the
+    cores) and, on a GPU, this machine's CPUs shared among its ranks (decoding must keep up with the GPU)."""
+    if s.num_workers is not None:
+        return s.num_workers
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cpus // max(ranks_here, 1) - 1))
+
+
+def _compute_and_write(s, writer, backbone, splits, layout, manifest, device, work: dict, pending: dict, bar,
+                       ranks_here: int = 1):
+    """Runs the backbone over the row groups of `work` and hands their pending chunks to a writer thread;
+    bar.update(rows) after each group (bar may be None)."""
     backbone = backbone.to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if "bfloat16" in manifest["precision"] else torch.float16)
                 if device.type == "cuda" else contextlib.nullcontext())
-    bar = tqdm(total=total, unit="img", desc=f"extract {out.name}", disable=not s.progress, dynamic_ncols=True,
-               file=sys.stderr)
     background = _BackgroundWriter(writer)
-    started = time.perf_counter()
     try:
         for split in SPLITS:
             if not work[split]:
@@ -224,10 +267,11 @@ def _fill(s: ExtractSettings, writer, backbone, splits, layout, manifest, device
             dataset = getattr(splits, split)
             rows = [r for a, b in work[split] for r in range(a, b)]
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=s.batch_size,
-                                                 shuffle=False, num_workers=s.num_workers,
+                                                 shuffle=False, num_workers=_workers(s, device, ranks_here),
                                                  pin_memory=device.type == "cuda")
             batches = iter(loader)
-            bar.set_postfix_str(split)
+            if bar is not None:
+                bar.set_postfix_str(split)
             for start, stop in work[split]:
                 feats, labels, logits = _compute_group(backbone, batches, stop - start, device, autocast,
                                                        layout["with_logits"], f"{split} rows {start}:{stop}")
@@ -238,18 +282,131 @@ def _fill(s: ExtractSettings, writer, backbone, splits, layout, manifest, device
                     part = slice(a - start, b - start)
                     background.submit(split, i, [f[part] for f in feats], labels[part],
                                       None if logits is None else logits[part])
-                bar.update(stop - start)
+                if bar is not None:
+                    bar.update(stop - start)
     except BaseException:
         background.close(raise_error=False)   # chunks already queued are whole and valid: let them land
         raise
-    finally:
-        bar.close()
     background.close()
-    path = writer.finish()
-    if s.progress and total:
+
+
+# ---------------------------------------------------------------- torchrun: one rank per device
+
+def _run_ranks(s: ExtractSettings) -> Path | None:
+    """One rank of a distributed extraction. Rank 0 opens the store (taking its lock for the whole run, folding
+    the journal of a killed run) and sends every rank the pending chunks; the fixed-grid row groups holding them
+    are dealt out round robin; each rank computes and writes its own (data + journal record, cache/store.py);
+    after a barrier rank 0 folds the journal, verifies every chunk and sets `complete`. Returns the cache's
+    path on rank 0, None on the others."""
+    ranks = distributed.Ranks.from_env()
+    s = dataclasses.replace(s, device=ranks.device(s.device))
+    ranks.start(s.device)
+    try:
+        return _rank_work(s, ranks)
+    finally:
+        ranks.close()
+
+
+def _rank_work(s: ExtractSettings, ranks) -> Path | None:
+    backbone, splits, manifest, layout, device = prepare(s)
+    out = Path(s.out) if s.out else default_out(s, manifest)
+    writer, setup = None, None
+    if ranks.rank == 0:
+        try:
+            writer = create_or_resume(out, manifest, layout, fmt=s.fmt, overwrite=s.overwrite, rank=0)
+            setup = {"store": str(writer._store_path), "complete": writer.complete,
+                     "pending": {split: writer.pending_chunks(split) for split in SPLITS}}
+        except BaseException as err:
+            ranks.broadcast({"error": str(err)})   # the others stop quietly; this rank says why
+            raise
+    setup = ranks.broadcast(setup)
+    if "error" in setup:
+        raise distributed.OtherRankFailed(setup["error"])
+    try:
+        if setup["complete"]:
+            if ranks.rank == 0:
+                print(f"{out} is already complete (every chunk verified): nothing to do", file=sys.stderr)
+            return out if ranks.rank == 0 else None
+        if ranks.rank:
+            writer = open_rank_writer(setup["store"], ranks.rank)
+        pending = {split: set(chunks) for split, chunks in setup["pending"].items()}
+        every = [(split, g) for split, groups in _work(s, writer, pending).items() for g in groups]
+        mine = every[ranks.rank::ranks.world]
+        work = {split: [g for sp, g in mine if sp == split] for split in SPLITS}
+        rows = sum(b - a for _, (a, b) in mine)
+        progress = _RankProgress(writer, out, sum(b - a for _, (a, b) in every), ranks, s.progress)
+        started, error = time.perf_counter(), None
+        try:
+            _compute_and_write(s, writer, backbone, splits, layout, manifest, device, work, pending, None,
+                               ranks.local_world)
+        except Exception as err:   # reported after the barrier, so that no rank waits for this one in vain
+            error = err
+        finally:
+            progress.close()
         elapsed = time.perf_counter() - started
-        print(f"{total} rows in {elapsed:.1f} s ({total / elapsed:.0f} img/s)", file=sys.stderr)
-    return path
+        if s.progress and rows and error is None:
+            print(f"rank {ranks.rank}/{ranks.world}: {rows} rows in {elapsed:.1f} s ({rows / elapsed:.0f} img/s)",
+                  file=sys.stderr)
+        failed = [r for r, e in enumerate(ranks.gather(error is not None)) if e]
+        if error is not None:
+            raise error
+        if failed:
+            raise distributed.OtherRankFailed(f"rank(s) {', '.join(map(str, failed))} failed")
+        if ranks.rank:
+            return None
+        path = writer.finish()   # folds every rank's records, verifies every chunk, then `complete`
+        if s.progress and progress.total:
+            took = time.perf_counter() - started
+            print(f"{progress.total} rows on {ranks.world} ranks in {took:.1f} s ({progress.total / took:.0f} img/s)",
+                  file=sys.stderr)
+        return path
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class _RankProgress:
+    """Rank 0's progress bar of a distributed extraction: images done by every rank (counted from the journal
+    of finished chunks, refreshed by a thread) with each rank's images/s and the total."""
+
+    def __init__(self, writer, out: Path, total: int, ranks, enabled: bool):
+        self.total, self._stop = total, threading.Event()
+        self.bar = self.thread = None
+        if not enabled or ranks.rank != 0 or not total:
+            return
+        self.writer, self.ranks, self.started = writer, ranks, time.perf_counter()
+        self.bar = tqdm(total=total, unit="img", desc=f"extract {out.name} ({ranks.world} ranks)",
+                        dynamic_ncols=True, file=sys.stderr)
+        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.wait(PROGRESS_EVERY):
+            self._refresh()
+
+    def _refresh(self):
+        per_rank = [0] * self.ranks.world
+        try:
+            names = os.listdir(self.writer.journal)
+        except OSError:
+            return
+        for name in names:
+            parts = name.split(".")
+            if len(parts) == 3 and parts[2][1:].isdigit() and int(parts[2][1:]) < self.ranks.world:
+                a, b = self.writer.chunk_range(parts[0], int(parts[1]))
+                per_rank[int(parts[2][1:])] += b - a
+        took = max(time.perf_counter() - self.started, 1e-9)
+        rates = " ".join(f"r{r} {n / took:.0f}" for r, n in enumerate(per_rank))
+        self.bar.n = min(sum(per_rank), self.total)
+        self.bar.set_postfix_str(f"img/s {rates}, total {sum(per_rank) / took:.0f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        if self.thread is not None:
+            self._stop.set()
+            self.thread.join()
+            self._refresh()
+            self.bar.close()
 
 
 def _compute_group(backbone, batches, rows: int, device, autocast, with_logits: bool, where: str):

@@ -20,6 +20,7 @@ import torch
 from heads.gate_features import gate_features
 
 N_GATE_FEATURES = 4
+COMPUTE = torch.float32   # what the heads compute in; features held as float16 are converted per chunk or batch
 
 
 @dataclass
@@ -115,8 +116,8 @@ class StackedHeads:
         n = features[0].shape[0]
         logits_out, g_out = [], []
         for lo in range(0, n, chunk):
-            feats = [f[lo:lo + chunk] for f in features]
-            last = None if last_logits is None else last_logits[lo:lo + chunk]
+            feats = [f[lo:lo + chunk].to(COMPUTE) for f in features]   # features may be held as float16
+            last = None if last_logits is None else last_logits[lo:lo + chunk].to(COMPUTE)
             logits = self.im_logits(feats, last)
             if gates:
                 g_out.append(torch.sigmoid(self.gate_logits(logits)))

@@ -232,11 +232,11 @@ class Session:
     def __init__(self, cache, settings: TrainSettings, progress: bool = True):
         self.progress = progress
         self.data = make_train_data(cache, settings.device)
-        test = cache.load_split("test", device=settings.device)
+        test = cache.load_split("test", device=settings.device, dtype=torch.float16)   # as stored; float32 per chunk
         if len(test.labels) == 0:
             raise ValueError(f"{cache.path} has an empty test split")
-        self.test_features = [f.to(torch.float32) for f in test.features]
-        self.test_logits = None if self.data.trains_last else test.logits.to(torch.float32)
+        self.test_features = test.features
+        self.test_logits = None if self.data.trains_last else test.logits
         self.test_labels = test.labels.cpu().numpy()
         self.costs = np.array([float(e["cumulative_total_macs"]) for e in cache.manifest["exits"]])
         self.warm, self.warm_seconds = {}, 0.0

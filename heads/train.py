@@ -41,7 +41,7 @@ from heads import finite
 from heads.exits import TARGET_RULES, exit_costs, exit_distribution, gate_targets
 from heads.engine import StackEngine
 from heads.kernels import adam_scales, adam_update_torch
-from heads.model import StackedHeads
+from heads.model import COMPUTE, StackedHeads
 
 IM_LOSSES = ("weighted", "uniform")
 # The warm-up's convergence test (warmup_patience) looks at the mean over IMs of each IM's best V2 accuracy so far,
@@ -131,10 +131,13 @@ def default_settings(recipe: str = DEFAULT_RECIPE, **values) -> "TrainSettings":
 @dataclass
 class SplitTensors:
     """One split in memory. When every exit has the same width the features are views of one (L, N, D) tensor
-    (`stacked`), so that a mini-batch of all exits is one gather (batch())."""
-    features: list[torch.Tensor]   # per exit (N, D_l) float32, contiguous
+    (`stacked`), so that a mini-batch of all exits is one gather (batch()). Features and logits stay in the
+    dtype they are given (float16 as the cache stores them, by make_train_data) and every mini-batch comes out
+    as float32 (COMPUTE): float16 -> float32 is exact, so this gives the values a float32 copy would, at half
+    its memory."""
+    features: list[torch.Tensor]   # per exit (N, D_l), float16 or float32, contiguous
     labels: torch.Tensor           # (N,) int64
-    logits: torch.Tensor | None    # (N, K) float32: frozen last-exit logits, None when the last head is trained
+    logits: torch.Tensor | None    # (N, K): frozen last-exit logits, None when the last head is trained
     stacked: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -146,16 +149,22 @@ class SplitTensors:
         return self.labels.shape[0]
 
     def rows(self, idx) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
-        """One mini-batch: idx is a slice or ONE index tensor shared by every exit (and every trial)."""
-        return ([f[idx] for f in self.features], self.labels[idx],
-                None if self.logits is None else self.logits[idx])
+        """One float32 mini-batch: idx is a slice or ONE index tensor shared by every exit (and every trial)."""
+        return ([f[idx].to(COMPUTE) for f in self.features], self.labels[idx],
+                None if self.logits is None else self.logits[idx].to(COMPUTE))
 
     def batch(self, idx) -> tuple[list[torch.Tensor] | torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """rows(), with the features as one (L, B, D) tensor when the split is stacked (what StackEngine takes)."""
         if self.stacked is None:
             return self.rows(idx)
         x = self.stacked[:, idx] if isinstance(idx, slice) else self.stacked.index_select(1, idx)
-        return x, self.labels[idx], None if self.logits is None else self.logits[idx]
+        return x.to(COMPUTE), self.labels[idx], None if self.logits is None else self.logits[idx].to(COMPUTE)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the features and logits held."""
+        held = [self.stacked] if self.stacked is not None else list(self.features)
+        return sum(t.numel() * t.element_size() for t in held + ([self.logits] if self.logits is not None else []))
 
 
 @dataclass
@@ -188,8 +197,9 @@ class TrainData:
         return self.train.logits is None
 
 
-def make_train_data(cache, device="cpu") -> TrainData:
-    """Load train and val of a cache into memory as float32; val is halved in stored order into V1 and V2."""
+def make_train_data(cache, device="cpu", dtype=torch.float16) -> TrainData:
+    """Load train and val of a cache into memory (features and logits as `dtype`: float16, as stored, by default;
+    mini-batches come out as float32); val is halved in stored order into V1 and V2."""
     manifest = cache.manifest
     costs = torch.tensor([float(e["cumulative_total_macs"]) for e in manifest["exits"]], dtype=torch.float64)
     if costs.numel() < 2 or bool((costs <= 0).any()):
@@ -197,11 +207,11 @@ def make_train_data(cache, device="cpu") -> TrainData:
     head_is_task = bool(manifest["head_is_task_head"])
 
     def load(split):
-        arrays = cache.load_split(split, device=device)
+        arrays = cache.load_split(split, device=device, dtype=dtype)
         if head_is_task and arrays.logits is None:
             raise ValueError(f"the cache says its head is the task's head but its {split} split has no logits")
-        feats = [f.to(device=device, dtype=torch.float32).contiguous() for f in arrays.features]
-        logits = arrays.logits.to(device=device, dtype=torch.float32).contiguous() if head_is_task else None
+        feats = [f.to(device=device, dtype=dtype).contiguous() for f in arrays.features]
+        logits = arrays.logits.to(device=device, dtype=dtype).contiguous() if head_is_task else None
         return SplitTensors(feats, arrays.labels.to(device=device, dtype=torch.int64), logits)
 
     val = load("val")

@@ -52,3 +52,11 @@ def sweep(args, pause: float = 0.0):
             return train_groups(*a, **kw)
         module.train_groups = slow
     _exit_with(args)
+
+
+def rank_extraction(args, rank: int, world: int, port: int, pause_per_chunk: float = 0.0):
+    """One rank of a distributed `extract args`, with the environment torchrun gives its workers (gloo on the
+    CPU, the rendezvous on 127.0.0.1:port)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    extraction(args, pause_per_chunk)

@@ -452,3 +452,62 @@ def test_damaged_manifests_and_leftover_temporary_files_are_named(tmp_path):
     leftover = tmp_path / "x.h5.partial-h5"
     leftover.write_bytes(b"\x89HDF\r\n\x1a\n")
     assert "temporary file of an HDF5 conversion" in verify_cache(leftover)[0]
+
+
+# ---------------------------------------------------------------- ranks of a distributed extraction (journal)
+
+def test_ranks_journal_their_chunks_and_only_verified_records_are_folded(tmp_path):
+    """Ranks write disjoint chunks and journal them; the lock holder folds the records whose chunks read back
+    with the recorded checksums, and never sets `complete` while a chunk is missing or does not match."""
+    from cache.store import journal_path, open_rank_writer
+    data = make_data(3)
+    ref = create_or_resume(tmp_path / "ref.zarr", manifest(), layout())
+    write(ref, data)
+    ref.finish()
+
+    path = tmp_path / "c.zarr"
+    w0 = create_or_resume(path, manifest(), layout(), rank=0)
+    w1 = open_rank_writer(path, 1)
+    write(w0, data, {"train": [0], "val": [0]})
+    write(w1, data, {"train": [1, 2]})   # val chunk 1 is missing
+    assert w0.pending_chunks("train") == [0, 1, 2]   # recorded in the journal, not yet in `done`
+    assert sorted(p.name for p in journal_path(path).iterdir()) == ["train.0.r0", "train.1.r1", "train.2.r1",
+                                                                     "val.0.r0"]
+    with pytest.raises(CacheError, match=r"val: 1 of 2 chunks not done \(1\)"):
+        w0.finish()
+    assert not zarr.open_group(path).attrs["complete"] and w0.pending_chunks("train") == []
+    assert not journal_path(path).exists()   # folded
+
+    # A record that does not match its chunk's data (altered after the record) is not folded.
+    write(w1, data, {"val": [1]})
+    zarr.open_group(path, mode="r+")["val/labels"][4:5] = (data["val"][1][4] + 1) % K
+    with pytest.raises(CacheError, match="not done"):
+        w0.finish()
+    assert w0.pending_chunks("val") == [1] and not zarr.open_group(path).attrs["complete"]
+
+    # Records of another store (same path, an earlier store) are ignored, even when their checksums match.
+    write(w1, data, {"val": [1]})
+    record = journal_path(path) / "val.1.r1"
+    record.write_text(record.read_text().replace(zarr.open_group(path).attrs["created"], "1999-01-01"))
+    with pytest.raises(CacheError, match="not done"):
+        w0.finish()
+
+    # A killed run's journal is folded when the store is opened again, by one process or by rank 0 of another.
+    write(w1, data, {"val": [1]})
+    w0.close()
+    w = create_or_resume(path, manifest(), layout())
+    assert w.pending_chunks("val") == [] and not journal_path(path).exists()
+    assert w.finish() == path and verify_cache(path) == []
+    for f in sorted(p for p in (tmp_path / "ref.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"):
+        assert (path / f.relative_to(tmp_path / "ref.zarr")).read_bytes() == f.read_bytes(), f
+
+
+def test_overwrite_and_new_stores_drop_a_stale_journal(tmp_path):
+    from cache.store import journal_path, open_rank_writer
+    data = make_data(4)
+    path = tmp_path / "c.zarr"
+    w0 = create_or_resume(path, manifest(), layout(), rank=0)
+    write(open_rank_writer(path, 1), data, {"train": [0, 1, 2]})
+    w0.close()
+    w = create_or_resume(path, manifest(), layout(), overwrite=True)
+    assert not journal_path(path).exists() and w.pending_chunks("train") == [0, 1, 2]

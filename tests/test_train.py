@@ -144,9 +144,9 @@ def test_stacked_adam_matches_torch_adam_per_trial():
 def test_make_train_data_halves_val_and_normalises_costs():
     dims, k = [4, 6], 3
 
-    def load_split(split, device="cpu"):
+    def load_split(split, device="cpu", dtype=torch.float32):
         n = {"train": 10, "val": 7}[split]
-        feats = [torch.arange(n * d, dtype=torch.float16).view(n, d) for d in dims]
+        feats = [torch.arange(n * d, dtype=dtype).view(n, d) for d in dims]
         return SimpleNamespace(features=feats, labels=torch.arange(n) % k, logits=torch.zeros(n, k))
 
     manifest = {"num_classes": k, "head_is_task_head": False,
@@ -154,7 +154,11 @@ def test_make_train_data_halves_val_and_normalises_costs():
     data = make_train_data(SimpleNamespace(manifest=manifest, load_split=load_split))
     assert (len(data.train), len(data.v1), len(data.v2)) == (10, 3, 4)
     assert data.trains_last and data.v1.logits is None
-    assert data.v2.features[1].dtype == torch.float32 and data.v2.labels.tolist() == [0, 1, 2, 0]
+    assert data.v2.labels.tolist() == [0, 1, 2, 0]
+    # Held as stored (float16), handed out as float32 per mini-batch with the same values.
+    assert data.v2.features[1].dtype == torch.float16
+    feats, _, _ = data.v2.rows(slice(0, 4))
+    assert feats[1].dtype == torch.float32 and torch.equal(feats[1], torch.arange(3 * 6, 7 * 6).view(4, 6).float())
     torch.testing.assert_close(data.ic_norm, torch.tensor([0.25, 1.0]))
 
 
@@ -293,3 +297,25 @@ def test_auto_lambdas_span_the_cost_axis_on_planted_costs():
     taken = exit_decision(exit_distribution(heads.outputs(data.v2.features, data.v2.logits)[1]))
     assert (taken[0, ~easy] == N_EXITS - 1).float().mean() >= 0.9     # accurate end: hard rows reach the last exit
     assert (taken[1] == 0).float().mean() >= 0.9                      # cheap end: exit 1
+
+
+@pytest.mark.parametrize("dims", [(5, 7, 6, 5), (6, 6, 6, 6)], ids=["per-exit", "stacked"])
+@pytest.mark.parametrize("with_logits", [True, False], ids=["frozen-last", "trained-last"])
+def test_float16_held_features_train_exactly_the_float32_models(dims, with_logits):
+    """Stage two holds the features as the cache stores them (float16) and converts each mini-batch to float32:
+    the trained heads and their outputs equal those trained from a float32 copy of the same values bit for bit,
+    at half the memory."""
+    def held_as(data, dtype):
+        def split(s):
+            return SplitTensors([f.to(dtype) for f in s.features], s.labels,
+                                None if s.logits is None else s.logits.to(dtype))
+        return TrainData(split(data.train), split(data.v1), split(data.v2), data.ic_norm, data.num_classes)
+    exact = held_as(tiny_data(with_logits, dims), torch.float16)   # values a float16 cache can hold
+    wide = held_as(exact, torch.float32)
+    assert exact.train.resident_bytes * 2 == wide.train.resident_bytes
+    assert (exact.train.stacked is not None) == (len(set(dims)) == 1)
+    trials = [{"lam": 0.05}, {"lam": 1.0, "lr": 0.003}]
+    a, b = run(exact, trials), run(wide, trials)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.outputs(exact.v2.features, exact.v2.logits),
+                                                 a.outputs(wide.v2.features, wide.v2.logits)))
