@@ -1,6 +1,8 @@
 """The runtime's per-exit kernel (heads/runtime.py: _exit_head_kernel, one serial numba call per exit on the CPU)
 against the same steps in torch (_exit_head_torch, what other devices run), on a tiny random model; and its float16
 rounding against torch's. The end-to-end check, runtime = simulation on trained runs, is tests/test_runtime.py."""
+from unittest import mock
+
 import numba
 import numpy as np
 import pytest
@@ -68,6 +70,32 @@ def test_kernel_equals_torch_steps(model, threshold):
         torch.testing.assert_close(kernel_rule.mass, torch_rule.mass, rtol=0, atol=1e-6)
         exits.append(n_leaving)
     assert sum(e > 0 for e in exits) >= 2, exits     # samples leave at several exits
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 1.0])
+def test_batch_of_one_equals_batched_path(model, threshold):
+    """forward on one image (the batch-1 path, _forward_one) returns exactly what the batched path returns for
+    that image: exit, logits, prediction, probabilities and set, over images that leave at several exits and at
+    the last one (threshold 1: nobody leaves early)."""
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * torch.logspace(-1, 1, 40)[:, None,
+                                                                                                     None, None]
+    model.threshold = threshold
+    try:
+        exits = []
+        for i in range(len(x)):
+            with mock.patch.object(EarlyExitModel, "_forward_batch", side_effect=AssertionError("batched path")):
+                one = model(x[i:i + 1])
+            ref = model._forward_batch(x[i:i + 1])
+            for field in ("exit_index", "logits", "prediction", "probs", "sets"):
+                got, expected = getattr(one, field), getattr(ref, field)
+                assert got.dtype == expected.dtype and torch.equal(got, expected), (i, field)
+            exits.append(int(one.exit_index))
+    finally:
+        model.threshold = 0.5
+    if threshold < 1.0:
+        assert len(set(exits)) >= 3 and model.num_exits - 1 in exits, exits
+    else:
+        assert set(exits) == {model.num_exits - 1}
 
 
 def test_channels_last(model):
