@@ -254,11 +254,11 @@ class EarlyExitModel(nn.Module):
                 state = block(l, state)
                 if _exit_one_kernel(represent(l, state).contiguous().numpy(), weights[l], biases[l], gate_weight,
                                     gate_bias, l, mass, left, threshold, logits):
-                    return self._finish(torch.from_numpy(logits), torch.tensor([l]))
+                    return self._finish(torch.from_numpy(logits), torch.full((1,), l))
         else:
             for l in range(last):
                 state = block(l, state)
-        return self._finish(self._last_logits(block(last, state)), torch.tensor([last]))
+        return self._finish(self._last_logits(block(last, state)), torch.full((1,), last))
 
     def _last_logits(self, state: torch.Tensor) -> torch.Tensor:
         """Exit L's logits from the final state: the trained last IM, or the backbone's head rounded as cached."""
@@ -267,8 +267,16 @@ class EarlyExitModel(nn.Module):
         return _as_cached(self.backbone.classify(state))
 
     def _finish(self, logits: torch.Tensor, exits: torch.Tensor) -> EarlyExitOutput:
-        """Calibrated probabilities and conformal sets, once for the whole batch."""
-        prediction, probs, sets = predict_with_sets(logits.cpu().numpy(), exits.cpu().numpy(), self.calibration)
+        """Calibrated probabilities and conformal sets, once for the whole batch: those of predict_with_sets (the
+        sets exactly, the probabilities to float32 rounding), by one serial kernel call (_finish_kernel) where
+        numpy's dozen small ops per call were a visible share of a batch of one."""
+        z, ex = logits.cpu().numpy(), exits.cpu().numpy()
+        n, k = z.shape
+        prediction, probs, sets = np.empty(n, np.int64), np.empty((n, k), np.float32), np.empty((n, k), np.bool_)
+        calibration = self.calibration
+        if not _finish_kernel(z, ex, np.float32(calibration.temperature),
+                              np.asarray(calibration.thresholds, dtype=np.float64), prediction, probs, sets):
+            prediction, probs, sets = predict_with_sets(z, ex, calibration)
         prediction, probs, sets = (torch.from_numpy(a) for a in (prediction, np.ascontiguousarray(probs), sets))
         if logits.device.type != "cpu":
             prediction, probs, sets = (t.to(logits.device) for t in (prediction, probs, sets))
@@ -388,6 +396,53 @@ def _exit_one_kernel(z, im_weight, im_bias, gate_weight, gate_bias, l, mass, lef
     feats = np.empty((1, 4), np.float32)
     return _head_row(z, 0, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold, logits, probs,
                      feats)
+
+
+SET_MARGIN = 1e-5   # _finish_kernel: a score this close to its threshold is left to predict_with_sets
+
+
+@numba.njit(inline="always")
+def _softmax_row(z, i, temperature, out):
+    """out[:] = heads.metrics.softmax of row i of z at `temperature` (float32), in float32 like numpy's."""
+    k = z.shape[1]
+    top = z[i, 0] / temperature
+    for c in range(k):
+        out[c] = z[i, c] / temperature
+        top = max(top, out[c])
+    total = np.float32(0.0)
+    for c in range(k):
+        out[c] = np.exp(out[c] - top)
+        total += out[c]
+    for c in range(k):
+        out[c] /= total
+
+
+@numba.njit(cache=True)
+def _finish_kernel(z, exits, temperature, thresholds, prediction, probs, sets):
+    """heads.evaluate.predict_with_sets into the given arrays, in one serial call: prediction, probabilities at
+    `temperature`, sets {k : 1 - p_k <= threshold of the exit}. The exp here is not numpy's, so a probability can
+    differ from predict_with_sets' in the last bits: where a score lies within SET_MARGIN of its threshold (or a
+    logit is not finite) the set could differ, and the kernel returns False for the caller to use
+    predict_with_sets instead; True means every set is exactly predict_with_sets'."""
+    n, k = z.shape
+    p = np.empty(k, np.float32)
+    for i in range(n):
+        best = 0
+        for c in range(k):
+            if not np.isfinite(z[i, c]):
+                return False
+            if z[i, c] > z[i, best]:
+                best = c
+        prediction[i] = best
+        _softmax_row(z, i, temperature, probs[i])
+        _softmax_row(z, i, np.float32(1.0), p)
+        tau = thresholds[exits[i]]
+        for c in range(k):
+            score = 1.0 - np.float64(p[c])
+            if abs(score - tau) <= SET_MARGIN:
+                return False
+            sets[i, c] = score <= tau
+    return True
 
 
 # ---- helpers of from_run ---------------------------------------------------------------------------------------
