@@ -16,9 +16,12 @@ exits.ExitRule): no thread-pool launch, no tensor temporaries, one decision on t
 shrinks. At batch 1 every call costs microseconds and a dozen tensor ops per exit were a large part of a small
 CNN block. One image on the CPU takes its own path (_forward_one): the same kernel row code on the image's
 running gate sum, no batch to cut down and nothing allocated per exit. Calibrated probabilities and conformal
-sets are computed once per call. Other devices run the same
-steps as torch ops (_exit_head_torch). bench/runtime_speed.py measures the runtime against the blocks alone, run
-up to each sample's exit.
+sets are computed once per call, by one more serial call (_finish_kernel): predict_with_sets' sets exactly (a
+score too close to its threshold to be sure falls back to predict_with_sets), its probabilities to float32
+rounding. Other devices run the same steps as torch ops (_exit_head_torch). bench/runtime_speed.py measures the
+runtime against the blocks alone, run up to each sample's exit. What remains at batch 1 is mostly the pooling
+per exit (one torch reduction, kept because the cache holds torch's rounding of it): work between two blocks
+costs several times what it costs in a tight loop (caches the blocks left cold; bench/README.md).
 
 Identical to the simulation. Stage two (heads/sweep.py) computes every exit of every sample from the cache and
 picks the exit afterwards; here the same numbers must come out of the live backbone. Three things make them agree:
