@@ -14,9 +14,14 @@ Speed: after a block the work is the exit's representation (a pooling or a norm)
 call, _exit_head_kernel (float16 rounding, IM, softmax, gate statistics, gate, eq. 4 on the running gate sum of
 exits.ExitRule): no thread-pool launch, no tensor temporaries, one decision on the host whether the batch
 shrinks. At batch 1 every call costs microseconds and a dozen tensor ops per exit were a large part of a small
-CNN block. Calibrated probabilities and conformal sets are computed once per call. Other devices run the same
-steps as torch ops (_exit_head_torch). bench/runtime_speed.py measures the runtime against the blocks alone, run
-up to each sample's exit.
+CNN block. One image on the CPU takes its own path (_forward_one): the same kernel row code on the image's
+running gate sum, no batch to cut down and nothing allocated per exit. Calibrated probabilities and conformal
+sets are computed once per call, by one more serial call (_finish_kernel): predict_with_sets' sets exactly (a
+score too close to its threshold to be sure falls back to predict_with_sets), its probabilities to float32
+rounding. Other devices run the same steps as torch ops (_exit_head_torch). bench/runtime_speed.py measures the
+runtime against the blocks alone, run up to each sample's exit. What remains at batch 1 is mostly the pooling
+per exit (one torch reduction, kept because the cache holds torch's rounding of it): work between two blocks
+costs several times what it costs in a tight loop (caches the blocks left cold; bench/README.md).
 
 Identical to the simulation. Stage two (heads/sweep.py) computes every exit of every sample from the cache and
 picks the exit afterwards; here the same numbers must come out of the live backbone. Three things make them agree:
@@ -172,14 +177,19 @@ class EarlyExitModel(nn.Module):
         number leaving). On the CPU one call of _exit_head_kernel (numpy arrays out); elsewhere _exit_head_torch."""
         if z.device.type != "cpu":
             return self._exit_head_torch(l, z, rule)
-        if self._arrays is None:   # numpy views of the parameters, made once (_apply drops them)
-            self._arrays = ([self._buffers[f"im_weight_{l}"].numpy() for l in range(len(self._im_dims))],
-                            [self._buffers[f"im_bias_{l}"].numpy()[0] for l in range(len(self._im_dims))],
-                            self.gate_weight.numpy(), self.gate_bias.numpy())
-        weights, biases, gate_weight, gate_bias = self._arrays
+        weights, biases, gate_weight, gate_bias = self._cpu_arrays()
         # numpy out: the caller makes tensors of them (torch.as_tensor, no copy) only when samples leave
         return _exit_head_kernel(z.numpy(), weights[l], biases[l], gate_weight, gate_bias, l, *rule.views(),
                                  np.float32(rule.threshold))
+
+    def _cpu_arrays(self) -> tuple:
+        """numpy views of the parameters, made once; _apply drops them."""
+        if self._arrays is None:
+            n = len(self._im_dims)
+            self._arrays = ([self._buffers[f"im_weight_{l}"].numpy() for l in range(n)],
+                            [self._buffers[f"im_bias_{l}"].numpy()[0] for l in range(n)],
+                            self.gate_weight.numpy(), self.gate_bias.numpy())
+        return self._arrays
 
     def _exit_head_torch(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple[torch.Tensor, torch.Tensor, int]:
         logits = self._im(l, z)
@@ -197,6 +207,11 @@ class EarlyExitModel(nn.Module):
         """x: (B, 3, S, S) images, normalised like the cache's dataset (image_batch)."""
         if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"need a non-empty batch of images (B, 3, S, S), got shape {tuple(x.shape)}")
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            return self._forward_one(x)
+        return self._forward_batch(x)
+
+    def _forward_batch(self, x: torch.Tensor) -> EarlyExitOutput:
         bb, last, n = self.backbone, self.num_exits - 1, x.shape[0]
         logits_out = torch.empty(n, self.backbone.num_classes, device=x.device)
         exit_out = torch.full((n,), last, dtype=torch.int64, device=x.device)
@@ -206,8 +221,7 @@ class EarlyExitModel(nn.Module):
         for l in range(self.num_exits):
             state = bb.block(l, state)
             if l == last:
-                logits = self._im(l, bb.represent(l, state)) if self.trains_last else _as_cached(bb.classify(state))
-                _put(logits_out, alive, logits)
+                _put(logits_out, alive, self._last_logits(state))
                 break
             if not rule.can_exit:
                 continue
@@ -215,7 +229,7 @@ class EarlyExitModel(nn.Module):
             if n_leaving == 0:
                 continue
             logits, leaving = torch.as_tensor(logits), torch.as_tensor(leaving)
-            if n_leaving == logits.shape[0]:    # all that were left leave here (batch 1: always)
+            if n_leaving == logits.shape[0]:    # all that were left leave here
                 _put(logits_out, alive, logits)
                 _put(exit_out, alive, l)
                 break
@@ -225,14 +239,51 @@ class EarlyExitModel(nn.Module):
             stay = torch.nonzero(~leaving).squeeze(1)
             alive, state = rows[stay], state.index_select(0, stay)
             rule.keep(stay)
-        # calibrated probabilities and conformal sets once, for the whole batch
-        prediction, probs, sets = predict_with_sets(logits_out.cpu().numpy(), exit_out.cpu().numpy(),
-                                                    self.calibration)
-        device = x.device
-        return EarlyExitOutput(torch.from_numpy(prediction).to(device), exit_out, logits_out,
-                               torch.from_numpy(np.ascontiguousarray(probs)).to(device),
-                               torch.from_numpy(sets).to(device))
+        return self._finish(logits_out, exit_out)
 
+    def _forward_one(self, x: torch.Tensor) -> EarlyExitOutput:
+        """_forward_batch for one image on the CPU, the same numbers with less fixed work per exit: a sample
+        either leaves or goes on, so there is no batch to cut down, no ExitRule (its running sums are two
+        one-element arrays the kernel updates) and no logits array per exit (_exit_one_kernel writes one)."""
+        bb, last = self.backbone, self.num_exits - 1
+        weights, biases, gate_weight, gate_bias = self._cpu_arrays()
+        threshold = np.float32(self.threshold)
+        logits = np.empty((1, self.backbone.num_classes), np.float32)
+        mass, left = np.zeros(1), np.ones(1, np.float32)   # ExitRule's state for one sample
+        block, represent = bb.block, bb.represent
+        state = bb.stem(x)
+        if self.threshold < 1.0:                           # ExitRule.can_exit
+            for l in range(last):
+                state = block(l, state)
+                if _exit_one_kernel(represent(l, state).contiguous().numpy(), weights[l], biases[l], gate_weight,
+                                    gate_bias, l, mass, left, threshold, logits):
+                    return self._finish(torch.from_numpy(logits), torch.full((1,), l))
+        else:
+            for l in range(last):
+                state = block(l, state)
+        return self._finish(self._last_logits(block(last, state)), torch.full((1,), last))
+
+    def _last_logits(self, state: torch.Tensor) -> torch.Tensor:
+        """Exit L's logits from the final state: the trained last IM, or the backbone's head rounded as cached."""
+        if self.trains_last:
+            return self._im(self.num_exits - 1, self.backbone.represent(self.num_exits - 1, state))
+        return _as_cached(self.backbone.classify(state))
+
+    def _finish(self, logits: torch.Tensor, exits: torch.Tensor) -> EarlyExitOutput:
+        """Calibrated probabilities and conformal sets, once for the whole batch: those of predict_with_sets (the
+        sets exactly, the probabilities to float32 rounding), by one serial kernel call (_finish_kernel) where
+        numpy's dozen small ops per call were a visible share of a batch of one."""
+        z, ex = logits.cpu().numpy(), exits.cpu().numpy()
+        n, k = z.shape
+        prediction, probs, sets = np.empty(n, np.int64), np.empty((n, k), np.float32), np.empty((n, k), np.bool_)
+        calibration = self.calibration
+        if not _finish_kernel(z, ex, np.float32(calibration.temperature),
+                              np.asarray(calibration.thresholds, dtype=np.float64), prediction, probs, sets):
+            prediction, probs, sets = predict_with_sets(z, ex, calibration)
+        prediction, probs, sets = (torch.from_numpy(a) for a in (prediction, np.ascontiguousarray(probs), sets))
+        if logits.device.type != "cpu":
+            prediction, probs, sets = (t.to(logits.device) for t in (prediction, probs, sets))
+        return EarlyExitOutput(prediction, exits, logits, probs, sets)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -289,43 +340,112 @@ def _round_to_half(x):
     return np.float32(math.copysign((a + shift) - shift, x))
 
 
+@numba.njit(inline="always")
+def _head_row(z, i, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold, logits, probs, feats):
+    """Row i of the kernels below: logits[i] and whether sample i leaves (mass[i], left[i] updated)."""
+    d = z.shape[1]
+    k = im_weight.shape[1]
+    one = np.float32(1.0)
+    for c in range(k):
+        logits[i, c] = np.float32(0.0)
+    for j in range(d):
+        zj = _round_to_half(z[i, j])
+        for c in range(k):
+            logits[i, c] += zj * im_weight[j, c]
+    top = logits[i, 0] + im_bias[0]
+    for c in range(k):
+        logits[i, c] += im_bias[c]
+        top = max(top, logits[i, c])
+    total = np.float32(0.0)
+    for c in range(k):
+        probs[i, c] = np.exp(logits[i, c] - top)
+        total += probs[i, c]
+    for c in range(k):
+        probs[i, c] /= total
+    row_features(probs, i, feats)
+    a = feats[i, 0] * gate_weight[l, 0]              # StackedHeads.gate_logits' sum, in its order
+    for j in range(1, 4):
+        a += feats[i, j] * gate_weight[l, j]
+    g = one / (one + np.exp(-(a + gate_bias[l])))     # torch.sigmoid's formula on a few elements
+    return exit_rule_row(g, mass, left, i, threshold)
+
+
 @numba.njit(cache=True, error_model="numpy")   # x / 0 gives inf or nan as in torch, instead of raising
 def _exit_head_kernel(z, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold):
     """EarlyExitModel._exit_head on the CPU, serial (no thread pool): z rounded as the cache stored it, IM
     logits, softmax, the gate statistics (heads.gate_features' row code), g^l and eq. 4 (heads.exits'
     exit_rule_row), in float32 where torch computes float32. The product and the softmax sum in their own order
     (a float32 last bit apart from torch's; see the module docstring on what that can change)."""
-    n, d = z.shape
+    n = z.shape[0]
     k = im_weight.shape[1]
-    one = np.float32(1.0)
-    logits = np.zeros((n, k), np.float32)
+    logits = np.empty((n, k), np.float32)
     probs = np.empty((n, k), np.float32)
     feats = np.empty((n, 4), np.float32)
     leaving = np.empty(n, np.bool_)
     n_leaving = 0
     for i in range(n):
-        for j in range(d):
-            zj = _round_to_half(z[i, j])
-            for c in range(k):
-                logits[i, c] += zj * im_weight[j, c]
-        top = logits[i, 0] + im_bias[0]
-        for c in range(k):
-            logits[i, c] += im_bias[c]
-            top = max(top, logits[i, c])
-        total = np.float32(0.0)
-        for c in range(k):
-            probs[i, c] = np.exp(logits[i, c] - top)
-            total += probs[i, c]
-        for c in range(k):
-            probs[i, c] /= total
-        row_features(probs, i, feats)
-        a = feats[i, 0] * gate_weight[l, 0]              # StackedHeads.gate_logits' sum, in its order
-        for j in range(1, 4):
-            a += feats[i, j] * gate_weight[l, j]
-        g = one / (one + np.exp(-(a + gate_bias[l])))     # torch.sigmoid's formula on a few elements
-        leaving[i] = exit_rule_row(g, mass, left, i, threshold)
+        leaving[i] = _head_row(z, i, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold,
+                               logits, probs, feats)
         n_leaving += leaving[i]
     return logits, leaving, n_leaving
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _exit_one_kernel(z, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold, logits):
+    """_exit_head_kernel for a batch of one (EarlyExitModel._forward_one): the same row code, the logits written
+    into the caller's (1, K) array and only the decision returned, so that a call boxes no arrays."""
+    k = im_weight.shape[1]
+    probs = np.empty((1, k), np.float32)
+    feats = np.empty((1, 4), np.float32)
+    return _head_row(z, 0, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold, logits, probs,
+                     feats)
+
+
+SET_MARGIN = 1e-5   # _finish_kernel: a score this close to its threshold is left to predict_with_sets
+
+
+@numba.njit(inline="always")
+def _softmax_row(z, i, temperature, out):
+    """out[:] = heads.metrics.softmax of row i of z at `temperature` (float32), in float32 like numpy's."""
+    k = z.shape[1]
+    top = z[i, 0] / temperature
+    for c in range(k):
+        out[c] = z[i, c] / temperature
+        top = max(top, out[c])
+    total = np.float32(0.0)
+    for c in range(k):
+        out[c] = np.exp(out[c] - top)
+        total += out[c]
+    for c in range(k):
+        out[c] /= total
+
+
+@numba.njit(cache=True)
+def _finish_kernel(z, exits, temperature, thresholds, prediction, probs, sets):
+    """heads.evaluate.predict_with_sets into the given arrays, in one serial call: prediction, probabilities at
+    `temperature`, sets {k : 1 - p_k <= threshold of the exit}. The exp here is not numpy's, so a probability can
+    differ from predict_with_sets' in the last bits: where a score lies within SET_MARGIN of its threshold (or a
+    logit is not finite) the set could differ, and the kernel returns False for the caller to use
+    predict_with_sets instead; True means every set is exactly predict_with_sets'."""
+    n, k = z.shape
+    p = np.empty(k, np.float32)
+    for i in range(n):
+        best = 0
+        for c in range(k):
+            if not np.isfinite(z[i, c]):
+                return False
+            if z[i, c] > z[i, best]:
+                best = c
+        prediction[i] = best
+        _softmax_row(z, i, temperature, probs[i])
+        _softmax_row(z, i, np.float32(1.0), p)
+        tau = thresholds[exits[i]]
+        for c in range(k):
+            score = 1.0 - np.float64(p[c])
+            if abs(score - tau) <= SET_MARGIN:
+                return False
+            sets[i, c] = score <= tau
+    return True
 
 
 # ---- helpers of from_run ---------------------------------------------------------------------------------------

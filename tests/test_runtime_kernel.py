@@ -1,6 +1,8 @@
 """The runtime's per-exit kernel (heads/runtime.py: _exit_head_kernel, one serial numba call per exit on the CPU)
 against the same steps in torch (_exit_head_torch, what other devices run), on a tiny random model; and its float16
 rounding against torch's. The end-to-end check, runtime = simulation on trained runs, is tests/test_runtime.py."""
+from unittest import mock
+
 import numba
 import numpy as np
 import pytest
@@ -8,10 +10,11 @@ import torch
 
 import extract  # noqa: F401  (before timm: see extract/_torchvision.py)
 from extract.backbones import load_backbone
-from heads.evaluate import Calibration
+from heads.evaluate import Calibration, predict_with_sets
 from heads.exits import ExitRule
+from heads.metrics import softmax
 from heads.model import StackedHeads
-from heads.runtime import EarlyExitModel, _round_to_half
+from heads.runtime import EarlyExitModel, _finish_kernel, _round_to_half
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,6 +71,62 @@ def test_kernel_equals_torch_steps(model, threshold):
         torch.testing.assert_close(kernel_rule.mass, torch_rule.mass, rtol=0, atol=1e-6)
         exits.append(n_leaving)
     assert sum(e > 0 for e in exits) >= 2, exits     # samples leave at several exits
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 1.0])
+def test_batch_of_one_equals_batched_path(model, threshold):
+    """forward on one image (the batch-1 path, _forward_one) returns exactly what the batched path returns for
+    that image: exit, logits, prediction, probabilities and set, over images that leave at several exits and at
+    the last one (threshold 1: nobody leaves early)."""
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * torch.logspace(-1, 1, 40)[:, None,
+                                                                                                     None, None]
+    model.threshold = threshold
+    try:
+        exits = []
+        for i in range(len(x)):
+            with mock.patch.object(EarlyExitModel, "_forward_batch", side_effect=AssertionError("batched path")):
+                one = model(x[i:i + 1])
+            ref = model._forward_batch(x[i:i + 1])
+            for field in ("exit_index", "logits", "prediction", "probs", "sets"):
+                got, expected = getattr(one, field), getattr(ref, field)
+                assert got.dtype == expected.dtype and torch.equal(got, expected), (i, field)
+            exits.append(int(one.exit_index))
+    finally:
+        model.threshold = 0.5
+    if threshold < 1.0:
+        assert len(set(exits)) >= 3 and model.num_exits - 1 in exits, exits
+    else:
+        assert set(exits) == {model.num_exits - 1}
+
+
+def test_finish_equals_predict_with_sets(model):
+    """_finish (the serial kernel) against heads.evaluate.predict_with_sets on 4000 rows of logits from 0.1 to 30
+    in scale, a temperature and a threshold per exit: the same predictions and sets, probabilities to float32
+    rounding; rows with a score on its threshold or a non-finite logit go to predict_with_sets itself."""
+    gen = torch.Generator().manual_seed(7)
+    n, k = 4000, model.backbone.num_classes
+    logits = torch.randn(n, k, generator=gen) * torch.logspace(-1, 1.5, n)[:, None]
+    exits = torch.randint(0, model.num_exits, (n,), generator=gen)
+    calibration = Calibration(1.7, 0.1, "gated", tuple(np.linspace(0.2, 0.95, model.num_exits)))
+    before, model.calibration = model.calibration, calibration
+    try:
+        out = model._finish(logits, exits)
+    finally:
+        model.calibration = before
+    prediction, probs, sets = predict_with_sets(logits.numpy(), exits.numpy(), calibration)
+    assert torch.equal(out.prediction, torch.from_numpy(prediction))
+    assert torch.equal(out.sets, torch.from_numpy(sets))
+    torch.testing.assert_close(out.probs, torch.from_numpy(probs), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(out.probs, torch.from_numpy(probs)), "no row took the kernel"
+
+    z, ex = logits[:1].numpy(), exits[:1].numpy()
+    thresholds = np.asarray(calibration.thresholds, dtype=np.float64)
+    arrays = lambda: (np.empty(1, np.int64), np.empty((1, k), np.float32), np.empty((1, k), np.bool_))  # noqa: E731
+    assert _finish_kernel(z, ex, np.float32(1.0), thresholds, *arrays())
+    on_threshold = thresholds.copy()
+    on_threshold[ex[0]] = 1.0 - float(softmax(z)[0, 0])    # the score sets compare (untempered)
+    assert not _finish_kernel(z, ex, np.float32(1.0), on_threshold, *arrays())
+    assert not _finish_kernel(np.full((1, k), np.nan, np.float32), ex, np.float32(1.0), thresholds, *arrays())
 
 
 def test_channels_last(model):
