@@ -9,7 +9,11 @@ What runs, in order, sharing one loaded cache (heads/sweep.py Session) and ONE w
             diffbranch start from its epoch-warmup_epochs snapshot, threshold-warmup gates exactly those IMs,
             "threshold" gates the IMs after all max_epochs epochs, and the single-exit reference rows are those
             same fully trained IMs (each at its best V2 epoch). The snapshot of epoch w does not depend on how many
-            epochs follow, so the JEI-DNN rows equal those of `sweep` with the same settings.
+            epochs follow, so the JEI-DNN rows equal those of `sweep` with the same settings. With
+            warmup_patience (the default recipe) the warm-up stops once the IMs converge, and every user of a
+            later snapshot gets the last one: JEI-DNN and both threshold methods then gate the same IMs.
+  lambdas   `--lambdas auto` is resolved from that warm-up's IMs (heads/sweep.py resolve_lambdas) and used by
+            jei, fixed-ims and diffbranch alike.
   jei       the lambda sweep of heads/sweep.py (train_groups, reference_group, evaluate_group, Run.finish): one
             stacked bi-level pass, rows "jei" (+ "jei-threshold" curves of the selected models) and "single-exit".
   baselines heads.baselines.run_baselines, one method at a time (the learned-gate ones on the same lambdas), every
