@@ -337,14 +337,19 @@ def threshold_points(method: str, logits: dict, labels: dict, p_grid, extra: dic
         sweep = threshold_sweep(logits["v1"], {"v2": logits["v2"], "test": logits["test"]}, p_grid)
     else:
         sweep = budget_sweep(confidence["v1"], {"v2": confidence["v2"], "test": confidence["test"]}, p_grid)
-    points = []
-    for pt in sweep:
-        n_exits = logits["v1"].shape[1]
-        info = {"p": pt["p"], "fractions": pt["fractions"].tolist(), "thresholds": pt["thresholds"].tolist(),
-                "v1_exit_hist": np.bincount(pt["v1_exit_index"], minlength=n_exits).tolist(), **extra}
-        points.append(MethodPoint(method, pt["p"], ExitOutputs(logits["v2"], pt["v2"], labels["v2"]),
-                                  ExitOutputs(logits["test"], pt["test"], labels["test"]), info))
-    return points
+    return [threshold_point(method, pt["p"], logits, labels, {s: pt[s] for s in ("v2", "test")},
+                            pt["v1_exit_index"], pt["thresholds"], pt["fractions"], extra) for pt in sweep]
+
+
+def threshold_point(method: str, p: float, logits: dict, labels: dict, exits: dict, v1_exits, thresholds,
+                    fractions, extra: dict) -> MethodPoint:
+    """One threshold-gated operating point: `exits` {"v2", "test"} -> (N,) exit index, v1_exits those of V1 (the
+    histogram kept in its rows), the per-exit thresholds and target shares it was fitted with."""
+    n_exits = logits["v1"].shape[1]
+    info = {"p": p, "fractions": np.asarray(fractions).tolist(), "thresholds": np.asarray(thresholds).tolist(),
+            "v1_exit_hist": np.bincount(v1_exits, minlength=n_exits).tolist(), **extra}
+    return MethodPoint(method, p, ExitOutputs(logits["v2"], exits["v2"], labels["v2"]),
+                       ExitOutputs(logits["test"], exits["test"], labels["test"]), info)
 
 
 def gated_points(method: str, heads: StackedHeads, lambdas, v2: SplitTensors, test: SplitTensors,

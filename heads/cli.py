@@ -52,7 +52,8 @@ TRAIN_OPTIONS = (
     click.option("--warmup-patience", type=click.IntRange(0, MAX_EPOCHS), default=None,
                  help="Stop the warm-up once the IMs' mean V2 accuracy gained < 0.1 pp in this many epochs, at "
                       "most --warmup-epochs epochs (converged 3; 0 = exactly --warmup-epochs, the paper)."),
-    click.option("--bi-switch", type=COUNT, default=None, help="Batches between GATE/CLASSIFIER switches (paper 200; converged: never, GATE only)."),
+    click.option("--bi-switch", type=COUNT, default=None,
+                 help="Batches between GATE/CLASSIFIER switches (paper 200; converged: never, GATE only)."),
     click.option("--patience", type=COUNT, default=None, help="Epochs without a better V2 objective (default 4)."),
     click.option("--targets", type=click.Choice(["subsequent", "ifmin"]), default=None,
                  help="Gate targets: ExitSubsequent (eq. 31, paper) or ExitIfMin (eq. 32, converged)."),
@@ -157,12 +158,6 @@ def _parsed(parse, hint):
     return callback
 
 
-def _spec(lambdas):
-    """A parsed --lambdas as SweepSettings / CompareSettings hold it: the auto spec, or a tuple."""
-    from heads.sweep import AutoLambdas
-    return lambdas if isinstance(lambdas, AutoLambdas) else tuple(lambdas)
-
-
 def _thresholds(ctx, param, value):
     if value.strip().lower() == "none":
         return ()
@@ -236,7 +231,7 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
         check_grid(settings, items)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
-    result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(_spec(lambdas), items, thresholds), settings,
+    result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(lambdas, items, thresholds), settings,
                                     out, overwrite=overwrite, progress=progress, log=click.echo))
     _summarise(result)
 
@@ -254,7 +249,7 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     per-exit thresholds fitted on V1 to that budget."""
     from heads.fit import FitSettings, fit_target_cost
     try:
-        fit = FitSettings(target_cost, _spec(lambdas), thresholds)
+        fit = FitSettings(target_cost, lambdas, thresholds)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--target-cost") from None
     cache_path = _cache(cache_path)
@@ -308,7 +303,7 @@ def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, threshol
     cache_path = _cache(cache_path)
     settings = _train_settings(kwargs, cache_path)
     try:
-        compare = CompareSettings(_spec(lambdas), methods, thresholds)
+        compare = CompareSettings(lambdas, methods, thresholds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,

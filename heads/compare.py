@@ -47,7 +47,7 @@ from heads.exits import exit_probabilities
 from heads.matched import MATCHED_COSTS, envelope_at
 from heads.sweep import (
     DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, SweepSettings, evaluate_group,
-    expand_trials, lambda_identity, reference_group, resolve_lambdas, select_per_lambda, train_groups,
+    expand_trials, lambda_identity, lambda_values, reference_group, resolve_lambdas, select_per_lambda, train_groups,
 )
 from heads.thresholds import budget_sweep
 from heads.train import SplitTensors, TrainSettings
@@ -64,6 +64,7 @@ class CompareSettings:
     baselines: BaselineSettings = BaselineSettings()
 
     def __post_init__(self):
+        object.__setattr__(self, "lambdas", lambda_values(self.lambdas))
         SweepSettings(self.lambdas, (), self.thresholds)       # the sweep's checks of lambdas and thresholds
         unknown = [m for m in self.methods if m not in COMPARE_METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):

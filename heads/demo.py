@@ -100,13 +100,12 @@ def demo_cmd(limit, lambdas, overwrite, progress):
                                                progress=progress))
     except ValueError as err:   # CacheError included: its advice to pass --overwrite holds for the demo too
         raise click.ClickException(str(err)) from None
-    auto = isinstance(lambdas, AutoLambdas)
-    text = str(lambdas) if auto else ",".join(f"{x:g}" for x in lambdas)
+    text = str(lambdas) if isinstance(lambdas, AutoLambdas) else ",".join(f"{x:g}" for x in lambdas)
     click.echo(f"[2/3] python pipeline.py compare --cache {cache} --methods {','.join(s.methods)} --lambdas {text} "
                f"--out {s.run}{' --overwrite' if overwrite else ''}", err=True)
     settings = default_settings(device="cuda" if torch.cuda.is_available() else "cpu")
     try:
-        result = run_compare(cache, CompareSettings(lambdas if auto else tuple(lambdas), s.methods), settings, s.run,
+        result = run_compare(cache, CompareSettings(lambdas, s.methods), settings, s.run,
                              overwrite=overwrite, progress=progress, log=lambda m: click.echo(m, err=True))
     except ValueError as err:
         raise click.ClickException(str(err)) from None

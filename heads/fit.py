@@ -5,14 +5,14 @@ JEI-DNN's gates can give at that cost.
 
 JEI-DNN's lambda sets the cost only indirectly (the paper's stated limitation). A fit trains the lambda sweep
 (heads/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to the
-target after training: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of samples
-leaving at each exit follow MSDNet's budget p^k, with p chosen so that they spend as much as possible, but no more than the target, on V1
-(heads/thresholds.py budget_for_cost, fit_thresholds). Of those budgeted models the one most accurate on V2 is
-chosen; V2 and test are evaluated unchanged. The same is done with one threshold shared by every exit (the gates'
-own rule P(E^l|x) > t with t moved away from 0.5, which keeps the shares the gates learned; `predict --threshold t`
-deploys it), when that can reach the target. Rows: every trial as in a sweep ("jei"), plus "jei-budget" rows (v2,
-test) per selected model and way at the target; the chosen point's rows and its trial's "jei" rows are `selected`,
-and its per-exit thresholds are in the exit_thresholds column.
+target after training, two ways: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of
+samples leaving at each exit follow MSDNet's budget p^k, with p chosen so that they spend as much as possible, but
+no more than the target, on V1 (heads/thresholds.py budget_for_cost, fit_thresholds); and one threshold shared by
+every exit (the gates' own rule P(E^l|x) > t with t moved away from 0.5, which keeps the shares the gates learned;
+`predict --threshold t` deploys it), when that can reach the target. Of those budgeted points the one most
+accurate on V2 is chosen; V2 and test are evaluated unchanged. Rows: every trial as in a sweep ("jei"), plus
+"jei-budget" rows (v2, test) per selected model and way at the target; the chosen point's rows and its trial's
+"jei" rows are `selected`, and its per-exit thresholds are in the exit_thresholds column.
 """
 import math
 import time
@@ -21,13 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from heads.baselines import MethodPoint, threshold_points
+from heads.baselines import MethodPoint, threshold_point, threshold_points
 from heads.compare import BUDGET_METHOD, point_rows, selected_models
 from heads.sweep import (
     DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, evaluate_group, lambda_identity,
-    select_per_lambda, trained_groups,
+    lambda_values, select_per_lambda, trained_groups,
 )
-from heads.evaluate import ExitOutputs
 from heads.thresholds import budget_for_cost, exit_by_thresholds, shared_threshold_for_cost
 from heads.train import TrainSettings
 
@@ -39,6 +38,7 @@ class FitSettings:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
 
     def __post_init__(self):
+        object.__setattr__(self, "lambdas", lambda_values(self.lambdas))
         if not 0 < self.target_cost <= 1:
             raise ValueError(f"the target cost is a fraction of the full network's Mul-Adds in (0, 1], "
                              f"got {self.target_cost}")
@@ -65,15 +65,12 @@ def _shared_point(model, threshold: float) -> MethodPoint:
     """The model's exits at one threshold for every exit (P(E^l|x) > threshold) as a budget point; its per-exit
     thresholds are stored as the smallest float above it, since exit_by_thresholds tests >=."""
     n_exits = model.confidence["v1"].shape[1]
-    above = float(np.nextafter(threshold, np.inf))
-    thresholds = torch.full((n_exits,), above, dtype=torch.float64)
+    thresholds = torch.full((n_exits,), float(np.nextafter(threshold, np.inf)), dtype=torch.float64)
     thresholds[-1] = -math.inf
     exits = {s: exit_by_thresholds(c, thresholds).cpu().numpy() for s, c in model.confidence.items()}
-    info = {"p": math.nan, "thresholds": thresholds.tolist(),
-            "fractions": (np.bincount(exits["v1"], minlength=n_exits) / len(exits["v1"])).tolist(),
-            "v1_exit_hist": np.bincount(exits["v1"], minlength=n_exits).tolist(), **model.extra}
-    return MethodPoint(BUDGET_METHOD, math.nan, ExitOutputs(model.logits["v2"], exits["v2"], model.labels["v2"]),
-                       ExitOutputs(model.logits["test"], exits["test"], model.labels["test"]), info)
+    shares = np.bincount(exits["v1"], minlength=n_exits) / len(exits["v1"])
+    return threshold_point(BUDGET_METHOD, math.nan, model.logits, model.labels, exits, exits["v1"],
+                           thresholds.numpy(), shares, model.extra)
 
 
 def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,

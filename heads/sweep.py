@@ -163,12 +163,17 @@ class SweepSettings:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
 
     def __post_init__(self):
-        if isinstance(self.lambdas, AutoLambdas):
-            pass
-        elif not self.lambdas or any(not (lam > 0 and math.isfinite(lam)) for lam in self.lambdas):
+        object.__setattr__(self, "lambdas", lambda_values(self.lambdas))
+        if not isinstance(self.lambdas, AutoLambdas) and (
+                not self.lambdas or any(not (lam > 0 and math.isfinite(lam)) for lam in self.lambdas)):
             raise ValueError(f"lambdas must be finite and > 0, got {self.lambdas}")
         if any(not 0 < t < 1 for t in self.thresholds):
             raise ValueError(f"gate thresholds must lie in (0, 1), got {self.thresholds}")
+
+
+def lambda_values(lambdas) -> "tuple[float, ...] | AutoLambdas":
+    """Lambdas as the settings classes hold them (hashable): the auto spec as it is, any sequence as a tuple."""
+    return lambdas if isinstance(lambdas, AutoLambdas) else tuple(lambdas)
 
 
 def lambda_identity(lambdas) -> "list[float] | str":
@@ -297,8 +302,9 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
 
 def warm_heads(session: Session, settings: TrainSettings, warm,
                epochs: int | None = None) -> tuple[StackedHeads, tuple[float, float]]:
-    """A one-trial heads stack, and its (lr, weight decay), holding the warm-up IMs of settings' (lr, weight decay), or of the first pair warmed
-    when that one was not, after `epochs` warm-up epochs (default: all), each IM at its best V2 epoch so far."""
+    """A one-trial heads stack, and its (lr, weight decay), holding the warm-up IMs of settings' (lr, weight
+    decay), or of the first pair warmed when that one was not, after `epochs` warm-up epochs (default: all), each
+    IM at its best V2 epoch so far."""
     pair = (settings.lr, settings.weight_decay)
     lr, wd = pair if pair in warm.optim else warm.optim[0]
     epochs = warm.epochs if epochs is None else min(epochs, warm.epochs)
@@ -547,7 +553,8 @@ class Run:
         rows += single_exit_rows(session, reference)
         for row in rows:
             row.setdefault("selected", False)
-        warnings = lambda_range_warnings(rows, session.costs, cross_entropy(session, reference["heads"], "v2")) if warn else []
+        warnings = (lambda_range_warnings(rows, session.costs, cross_entropy(session, reference["heads"], "v2"))
+                    if warn else [])
         self.timings["evaluate_seconds"] = self.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
         settings = self.write_status("complete", warnings=warnings)
         rundir.write_results(self.out, rundir.uniform_rows(rows), settings)

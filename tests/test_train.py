@@ -280,7 +280,8 @@ def test_auto_lambdas_span_the_cost_axis_on_planted_costs():
 
     def ce(split):
         z = ims.outputs(split.features, split.logits)[0][0].double()
-        return (torch.logsumexp(z, -1) - z.gather(-1, split.labels[:, None, None].expand(-1, N_EXITS, 1))[..., 0]).numpy()
+        picked = z.gather(-1, split.labels[:, None, None].expand(-1, N_EXITS, 1))[..., 0]
+        return (torch.logsumexp(z, -1) - picked).numpy()
 
     v2_acc = (ims.outputs(data.v2.features, data.v2.logits)[0][0].argmax(-1) == data.v2.labels[:, None]).float().mean(0)
     accurate = float(ic[int(v2_acc.argmax())])
