@@ -68,7 +68,9 @@ def test_kernel_equals_torch_steps(model, threshold):
         ref_logits, ref_leaving, ref_n = model._exit_head_torch(l, z, torch_rule)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(leaving, ref_leaving) and n_leaving == ref_n
-        torch.testing.assert_close(kernel_rule.mass, torch_rule.mass, rtol=0, atol=1e-6)
+        # float32 running sums of gate probabilities, each path rounding its own way (the kernel's fused
+        # arithmetic depends on the CPU's instruction set), accumulated over the exits so far
+        torch.testing.assert_close(kernel_rule.mass, torch_rule.mass, rtol=0, atol=4e-6)
         exits.append(n_leaving)
     assert sum(e > 0 for e in exits) >= 2, exits     # samples leave at several exits
 
