@@ -39,7 +39,7 @@ import numpy as np
 
 from heads.metrics import (
     CONFORMAL_METHODS, bootstrap_ci, conformal_coverage, conformal_sets, conformal_thresholds,
-    expected_calibration_error, fit_temperature, reported_conformal, softmax,
+    expected_calibration_error, fit_temperature, pick_reported, reported_alphas, softmax,
 )
 
 DEFAULT_ALPHAS = tuple(round(0.01 * i, 2) for i in range(1, 21))  # 0.01 .. 0.20
@@ -55,8 +55,8 @@ class ExitOutputs:
 
     def __post_init__(self):
         self.logits = np.asarray(self.logits, dtype=np.float32)
-        self.exit_index = np.asarray(self.exit_index).astype(np.int64)
-        self.labels = np.asarray(self.labels).astype(np.int64)
+        self.exit_index = np.asarray(self.exit_index).astype(np.int64, copy=False)
+        self.labels = np.asarray(self.labels).astype(np.int64, copy=False)
         if self.logits.ndim != 3 or self.logits.shape[0] == 0:
             raise ValueError(f"ExitOutputs.logits must be (N, L, K) with N > 0, got {self.logits.shape}")
         n, n_exits, n_classes = self.logits.shape
@@ -116,10 +116,12 @@ def predict_with_sets(exited_logits, exit_index, calib: Calibration):
     return z.argmax(axis=1), softmax(z, calib.temperature), conformal_sets(softmax(z), ex, calib.thresholds)
 
 
-def _split_metrics(out: ExitOutputs, probs: np.ndarray, cal_true: np.ndarray, cal_exit: np.ndarray,
-                   thresholds: dict, alphas: np.ndarray, temperature: float, costs: np.ndarray, n_bins: int,
-                   n_partitions: int, seed: int) -> dict:
+def _split_metrics(out: ExitOutputs, probs: np.ndarray, thresholds: dict, alphas: np.ndarray, used: np.ndarray,
+                   temperature: float, costs: np.ndarray, acc_all: list, n_bins: int, n_partitions: int,
+                   seed: int) -> dict:
+    """thresholds: per conformal method (A + len(used), L), the alpha grid's rows then the reporting rule's."""
     n, n_exits, _ = out.logits.shape
+    n_alphas = alphas.size
     y, ex = out.labels, out.exit_index
     z = out.exited_logits()
     correct = z.argmax(axis=1) == y
@@ -137,37 +139,64 @@ def _split_metrics(out: ExitOutputs, probs: np.ndarray, cal_true: np.ndarray, ca
         acc_exited = np.where(hist > 0, hits / hist, np.nan)
     res["exit_hist"] = hist.tolist()
     res["exit_acc_exited"] = acc_exited.tolist()
-    res["exit_acc_all"] = (out.logits.argmax(axis=2) == y[:, None]).mean(axis=0).tolist()
+    res["exit_acc_all"] = list(acc_all)
 
     res["conformal_alphas"] = alphas.tolist()
     res["reported_alpha"] = REPORTED_ALPHA
-    for m in CONFORMAL_METHODS:
-        coverage, inefficiency = conformal_coverage(probs, y, ex, thresholds[m])
-        res[f"coverage_{m}"] = coverage.tolist()
-        res[f"inefficiency_{m}"] = inefficiency.tolist()
-        cov, ineff, used = reported_conformal(m, cal_true, cal_exit, probs, y, ex, REPORTED_ALPHA)
+    # one call (one sort of the scores) for every method and alpha: rows m * per + i
+    per = n_alphas + used.size
+    coverage, inefficiency = conformal_coverage(probs, y, ex, np.concatenate([thresholds[m] for m in
+                                                                              CONFORMAL_METHODS]))
+    for j, m in enumerate(CONFORMAL_METHODS):
+        cov_m, ineff_m = coverage[j * per:(j + 1) * per], inefficiency[j * per:(j + 1) * per]
+        res[f"coverage_{m}"] = cov_m[:n_alphas].tolist()
+        res[f"inefficiency_{m}"] = ineff_m[:n_alphas].tolist()
+        cov, ineff, alpha_used = pick_reported(cov_m[n_alphas:], ineff_m[n_alphas:], used, REPORTED_ALPHA)
         res.update({f"reported_coverage_{m}": cov, f"reported_inefficiency_{m}": ineff,
-                    f"reported_alpha_used_{m}": used})
+                    f"reported_alpha_used_{m}": alpha_used})
     return res
 
 
 def evaluate(v2: ExitOutputs, test: ExitOutputs, cumulative_costs, alphas=DEFAULT_ALPHAS, n_bins: int = 15,
              n_partitions: int = 10, seed: int = 0) -> dict[str, dict]:
     """{"v2": metrics, "test": metrics} (keys in the module docstring); calibration fitted on v2 only."""
+    return evaluate_many([(v2, test)], cumulative_costs, alphas, n_bins, n_partitions, seed)[0]
+
+
+def evaluate_many(points, cumulative_costs, alphas=DEFAULT_ALPHAS, n_bins: int = 15, n_partitions: int = 10,
+                  seed: int = 0) -> list[dict[str, dict]]:
+    """evaluate() of every (v2, test) ExitOutputs pair of `points`, in order. Consecutive pairs that hold the same
+    logits arrays (the same objects: one model's exit rules, a threshold sweep's budgets) share the work that
+    depends on the logits alone (the softmax over every exit, the calibration scores, each IM's accuracy)."""
     costs = np.asarray(cumulative_costs, dtype=np.float64)
-    if v2.logits.shape[1:] != test.logits.shape[1:]:
-        raise ValueError(f"v2 and test disagree on (L, K): {v2.logits.shape[1:]} vs {test.logits.shape[1:]}")
-    if costs.shape != (v2.logits.shape[1],) or np.any(costs <= 0):
-        raise ValueError(f"cumulative_costs must be {v2.logits.shape[1]} positive values (one per exit), "
-                         f"got shape {costs.shape}")
     a = np.asarray(alphas, dtype=np.float64)
-    temperature = fit_temperature(v2.exited_logits(), v2.labels)
-    # V2's exited probabilities are sliced from the same softmax as its calibration scores, so a V2 sample whose
-    # score defines a threshold compares equal to it; the test split needs only its exited rows.
-    v2_probs = softmax(v2.logits)
-    cal_true = v2.true_class_probs(v2_probs)
-    thresholds = {m: conformal_thresholds(m, cal_true, v2.exit_index, a) for m in CONFORMAL_METHODS}
-    exited = {"v2": v2_probs[np.arange(v2.labels.size), v2.exit_index], "test": softmax(test.exited_logits())}
-    return {name: _split_metrics(out, exited[name], cal_true, v2.exit_index, thresholds, a, temperature, costs,
-                                 n_bins, n_partitions, seed)
-            for name, out in (("v2", v2), ("test", test))}
+    used = reported_alphas(REPORTED_ALPHA)
+    both = np.concatenate([a, used])
+    shared = {}          # split -> (logits, labels, what derives from them) of the latest model: consecutive points
+    results = []
+    for v2, test in points:
+        if v2.logits.shape[1:] != test.logits.shape[1:]:
+            raise ValueError(f"v2 and test disagree on (L, K): {v2.logits.shape[1:]} vs {test.logits.shape[1:]}")
+        if costs.shape != (v2.logits.shape[1],) or np.any(costs <= 0):
+            raise ValueError(f"cumulative_costs must be {v2.logits.shape[1]} positive values (one per exit), "
+                             f"got shape {costs.shape}")
+        for name, out in (("v2", v2), ("test", test)):
+            held = shared.get(name)
+            if held is None or held[0] is not out.logits or not np.array_equal(held[1], out.labels):
+                info = {"acc_all": (out.logits.argmax(axis=2) == out.labels[:, None]).mean(axis=0).tolist()}
+                if name == "v2":
+                    info["probs"] = softmax(out.logits)
+                    info["cal_true"] = out.true_class_probs(info["probs"])
+                shared[name] = (out.logits, out.labels, info)
+        derived = {name: held[2] for name, held in shared.items()}
+        temperature = fit_temperature(v2.exited_logits(), v2.labels)
+        # V2's exited probabilities are sliced from the same softmax as its calibration scores, so a V2 sample
+        # whose score defines a threshold compares equal to it; the test split needs only its exited rows.
+        cal_true = derived["v2"]["cal_true"]
+        thresholds = {m: conformal_thresholds(m, cal_true, v2.exit_index, both) for m in CONFORMAL_METHODS}
+        exited = {"v2": derived["v2"]["probs"][np.arange(v2.labels.size), v2.exit_index],
+                  "test": softmax(test.exited_logits())}
+        results.append({name: _split_metrics(out, exited[name], thresholds, a, used, temperature, costs,
+                                             derived[name]["acc_all"], n_bins, n_partitions, seed)
+                        for name, out in (("v2", v2), ("test", test))})
+    return results

@@ -191,7 +191,8 @@ def _count_at_most(sorted_scores, thr):
 
 
 def conformal_coverage(probs_exited, labels, exit_index, thresholds) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 2 for each row of thresholds (A, L): empirical coverage (A,) and inefficiency = mean set size (A,)."""
+    """Eq. 2 for each row of thresholds (A, L): empirical coverage (A,) and inefficiency = mean set size (A,).
+    Put every alpha of interest in one call: the scores are sorted once per call."""
     p = np.asarray(probs_exited)
     y = np.asarray(labels).astype(np.int64)
     ex = np.asarray(exit_index).astype(np.int64)
@@ -200,6 +201,19 @@ def conformal_coverage(probs_exited, labels, exit_index, thresholds) -> tuple[np
     covered = s[np.arange(y.size), y][None, :] <= thr
     sizes = _count_at_most(np.sort(s, axis=1), np.ascontiguousarray(thr))
     return covered.mean(axis=1), sizes.mean(axis=1)
+
+
+def reported_alphas(alpha: float = 0.05) -> np.ndarray:
+    """The alpha' grid of the appendix 9.3 reporting rule: alpha, 0.9 alpha, ..., 0."""
+    return _check_alphas(alpha)[0] * (1.0 - np.arange(11) / 10.0)
+
+
+def pick_reported(coverage, inefficiency, used, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Of the coverages at the alpha' grid `used`, the first reaching 1 - alpha (else the last) ->
+    (coverage, inefficiency, alpha')."""
+    hit = np.flatnonzero(np.asarray(coverage) >= 1.0 - alpha - 1e-12)
+    j = int(hit[0]) if hit.size else len(used) - 1
+    return float(coverage[j]), float(inefficiency[j]), float(used[j])
 
 
 def conformal_sets(probs_exited, exit_index, thresholds) -> np.ndarray:
@@ -211,12 +225,10 @@ def conformal_sets(probs_exited, exit_index, thresholds) -> np.ndarray:
 def reported_conformal(method: str, cal_true_probs, cal_exit, probs_exited, labels, exit_index,
                        alpha: float = 0.05) -> tuple[float, float, float]:
     """Appendix 9.3 reporting rule -> (coverage, inefficiency, alpha' used) on the evaluated split."""
-    used = _check_alphas(alpha)[0] * (1.0 - np.arange(11) / 10.0)
+    used = reported_alphas(alpha)
     thr = conformal_thresholds(method, cal_true_probs, cal_exit, used)
     coverage, inefficiency = conformal_coverage(probs_exited, labels, exit_index, thr)
-    hit = np.flatnonzero(coverage >= 1.0 - alpha - 1e-12)
-    j = int(hit[0]) if hit.size else used.size - 1
-    return float(coverage[j]), float(inefficiency[j]), float(used[j])
+    return pick_reported(coverage, inefficiency, used, alpha)
 
 
 # ---------------------------------------------------------------- intervals (appendix 9.1.1)

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from heads import rundir
-from heads.evaluate import ExitOutputs, evaluate
+from heads.evaluate import ExitOutputs, evaluate_many
 from heads.exits import exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.train import TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, train_stack, warmup
@@ -325,9 +325,11 @@ def reference_group(session: Session, settings: TrainSettings, trials: list[dict
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
-def _evaluate(session: Session, v2, test, v2_exit, test_exit) -> dict:
-    """v2/test: (logits (N, L, K), labels) of one model; *_exit: the exit each sample takes."""
-    return evaluate(ExitOutputs(v2[0], v2_exit, v2[1]), ExitOutputs(test[0], test_exit, test[1]), session.costs)
+def _evaluate(session: Session, v2, test, exits) -> list[dict]:
+    """v2/test: (logits (N, L, K), labels) of one model; exits: (v2 exit, test exit) per exit rule, evaluated
+    together (heads.evaluate.evaluate_many shares the work that depends on the logits alone)."""
+    return evaluate_many([(ExitOutputs(v2[0], v2_exit, v2[1]), ExitOutputs(test[0], test_exit, test[1]))
+                          for v2_exit, test_exit in exits], session.costs)
 
 
 def evaluate_group(session: Session, group: dict, thresholds=(0.5,), only=None) -> list[dict]:
@@ -339,9 +341,10 @@ def evaluate_group(session: Session, group: dict, thresholds=(0.5,), only=None) 
             continue
         one = heads.select(position)
         (v2, v2_pg, v2_y), (test, test_pg, test_y) = session.outputs(one, "v2"), session.outputs(one, "test")
-        for threshold in thresholds:
-            result = _evaluate(session, (v2[0], v2_y), (test[0], test_y),
-                               exit_decision(v2_pg[0], threshold).numpy(), exit_decision(test_pg[0], threshold).numpy())
+        results = _evaluate(session, (v2[0], v2_y), (test[0], test_y),
+                            [(exit_decision(v2_pg[0], threshold).numpy(), exit_decision(test_pg[0], threshold).numpy())
+                             for threshold in thresholds])
+        for threshold, result in zip(thresholds, results):
             for split in ("v2", "test"):
                 rows.append({"method": "jei" if threshold == 0.5 else "jei-threshold", "split": split,
                              "trial": trial["trial"], "lam": trial["lam"], "threshold": threshold,
@@ -357,9 +360,9 @@ def single_exit_rows(session: Session, group: dict) -> list[dict]:
     heads = group["heads"]
     (v2, _, v2_y), (test, _, test_y) = session.outputs(heads, "v2"), session.outputs(heads, "test")
     warm_epochs, rows = int(heads.epochs_trained[0]), []
-    for exit_ in range(heads.n_exits):
-        result = _evaluate(session, (v2[0], v2_y), (test[0], test_y),
-                           np.full(len(v2_y), exit_), np.full(len(test_y), exit_))
+    results = _evaluate(session, (v2[0], v2_y), (test[0], test_y),
+                        [(np.full(len(v2_y), exit_), np.full(len(test_y), exit_)) for exit_ in range(heads.n_exits)])
+    for exit_, result in enumerate(results):
         for split in ("v2", "test"):
             rows.append({"method": "single-exit", "split": split, "exit": exit_ + 1, "threshold": math.nan,
                          "warmup_epochs": warm_epochs, "lr": group["settings"]["lr"],

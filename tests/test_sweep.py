@@ -249,7 +249,7 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "training"
     assert not (tmp_path / "r" / "results.parquet").exists()
     with monkeypatch.context() as m:                      # killed after training: the heads are kept
-        m.setattr(sweep, "evaluate", killed)
+        m.setattr(sweep, "evaluate_many", killed)
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "evaluating"
