@@ -100,9 +100,23 @@ def gate_features_numpy(probs: np.ndarray) -> np.ndarray:
     return out.reshape(probs.shape[:-1] + (4,))
 
 
+class _SumInOrder(torch.autograd.Function):
+    """The sum over the last axis, added left to right (torch.cumsum's order on the CPU, the kernel's; a plain sum's
+    vectorised order is not). Its gradient is a plain sum's: autograd through the cumsum would flip, cumsum and flip
+    the whole tensor again to return that same broadcast."""
+
+    @staticmethod
+    def forward(ctx, terms):
+        ctx.shape = terms.shape
+        return torch.cumsum(terms, dim=-1)[..., -1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., None].expand(ctx.shape)
+
+
 def _sum_in_order(terms: torch.Tensor) -> torch.Tensor:
-    # torch.cumsum adds left to right on the CPU, the kernel's order (a plain sum's vectorised order is not)
-    return torch.cumsum(terms, dim=-1)[..., -1]
+    return _SumInOrder.apply(terms)
 
 
 def gate_features_torch(probs: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,18 @@ def test_rejects_single_class():
         gate_features_numpy(np.ones((3, 1)))
     with pytest.raises(ValueError, match="K >= 2"):
         gate_features_torch(torch.ones(3, 1))
+
+
+def test_torch_gradients_equal_autograd_through_cumsum():
+    """The in-order sum's own backward gives exactly the gradient autograd through torch.cumsum gives, and the
+    statistics' gradient matches finite differences."""
+    from heads.gate_features import _sum_in_order
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    up = torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    mine = torch.autograd.grad((_sum_in_order(x) * up).sum(), x)[0]
+    reference = torch.autograd.grad((torch.cumsum(x, dim=-1)[..., -1] * up).sum(), x)[0]
+    assert torch.equal(mine, reference) and torch.equal(_sum_in_order(x), torch.cumsum(x, dim=-1)[..., -1])
+    p = torch.softmax(torch.randn(4, 6, dtype=torch.float64, generator=gen), -1).requires_grad_(True)
+    # max_prob and margin are piecewise linear, the entropies smooth: all differentiable away from ties
+    assert torch.autograd.gradcheck(gate_features_torch, (p,))
