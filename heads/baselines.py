@@ -268,11 +268,21 @@ def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) ->
 
 
 # ---- learned gates: fixed IMs and DiffBranch ---------------------------------------------------------------------
+def _never_switching(data: TrainData, settings: TrainSettings) -> int:
+    """A bi_switch beyond the last batch of any bi-level phase of these settings."""
+    return math.ceil(len(data.train) / settings.batch_size) * settings.max_epochs + 1
+
+
+def fixed_ims_is_jei(data: TrainData, settings: TrainSettings) -> bool:
+    """Whether JEI-DNN trained with these settings never enters the CLASSIFIER state, so that its models are the
+    fixed-ims ablation's exactly (the converged recipe): then fixed-ims need not be trained again."""
+    return settings.bi_switch >= _never_switching(data, settings)
+
+
 def train_fixed_ims(data: TrainData, warm: WarmState, lambdas, settings: TrainSettings) -> StackedHeads:
     """Appendix 9.6 ablation 1: Algorithm 1 starts in the GATE state and flips every bi_switch batches; a bi_switch
     beyond the last batch of the phase means it never enters CLASSIFIER, so the warmed-up IMs stay bit-identical."""
-    n_batches = math.ceil(len(data.train) / settings.batch_size)
-    never = dataclasses.replace(settings, bi_switch=n_batches * settings.max_epochs + 1)
+    never = dataclasses.replace(settings, bi_switch=_never_switching(data, settings))
     return train_stack(data, warm, [{"lam": float(lam)} for lam in lambdas], never)
 
 

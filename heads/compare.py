@@ -40,9 +40,10 @@ from tqdm import tqdm
 
 from heads import rundir
 from heads.baselines import (
-    LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, run_baselines, threshold_points,
+    LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, fixed_ims_is_jei, gated_points, run_baselines,
+    threshold_points,
 )
-from heads.evaluate import evaluate
+from heads.evaluate import evaluate_many
 from heads.exits import exit_probabilities
 from heads.matched import MATCHED_COSTS, envelope_at
 from heads.sweep import (
@@ -181,8 +182,8 @@ def _v2_curve_score(session: Session, logits, labels, conf: dict, p_grid) -> flo
 def point_rows(session: Session, points: list[MethodPoint], settings: TrainSettings) -> list[dict]:
     """Two rows (v2, test) per operating point of one baseline method, evaluated like JEI-DNN's."""
     rows = []
-    for pt in tqdm(points, desc=f"evaluate {points[0].method}", unit="point", leave=False,
-                   disable=not session.progress):
+    results = evaluate_many([(pt.v2, pt.test) for pt in points], session.costs)   # the points share logits
+    for pt, metrics in zip(points, results):
         gated = pt.method in LAMBDA_METHODS
         base = {"method": pt.method, "trial": None, "lam": pt.param if gated else None,
                 "p": None if gated else pt.param,
@@ -194,13 +195,24 @@ def point_rows(session: Session, points: list[MethodPoint], settings: TrainSetti
                         v1_exit_hist=pt.extra["v1_exit_hist"])
         if pt.method == BUDGET_METHOD:
             base.update(trial=pt.extra["trial"], lam=pt.extra["lam"], warmup_epochs=settings.warmup_epochs)
-        metrics = evaluate(pt.v2, pt.test, session.costs)
         rows += [{**base, "split": split, **metrics[split]} for split in ("v2", "test")]
     return rows
 
 
-def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings, reuse: bool,
-                   log) -> list[dict]:
+def _jei_as_fixed_ims(session: Session, groups: list[dict], compare: CompareSettings,
+                      settings: TrainSettings) -> dict | None:
+    """JEI-DNN's heads group when it is exactly what fixed-ims would train (baselines.fixed_ims_is_jei, the same
+    lambdas in the same order, from the same warm-up), else None."""
+    if not fixed_ims_is_jei(session.data, settings):
+        return None
+    jei = [g for g in groups if g["group"] != REFERENCE_GROUP]
+    if len(jei) != 1 or [t["lam"] for t in jei[0]["trials"]] != [float(x) for x in compare.lambdas]:
+        return None
+    return jei[0]
+
+
+def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
+                   groups: list[dict], reuse: bool, log) -> list[dict]:
     test = SplitTensors(session.test_features, torch.as_tensor(session.test_labels, device=settings.device),
                         session.test_logits)
     rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
@@ -211,8 +223,14 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
             log(f"re-using the finished {method} rows in {run.out / rundir.PARTS}")
         else:
             start = time.perf_counter()
-            points = run_baselines(session.data, test, [method], settings, compare.baselines, compare.lambdas,
-                                   warm=shared_warmup(session, settings), log=log)
+            jei = _jei_as_fixed_ims(session, groups, compare, settings) if method == "fixed-ims" else None
+            if jei is not None:
+                log("fixed-ims: under these settings JEI-DNN never leaves the GATE state, so its models are these")
+                points = gated_points(method, jei["heads"], compare.lambdas, session.data.v2, test,
+                                      {"train_seconds": jei["seconds"]})
+            else:
+                points = run_baselines(session.data, test, [method], settings, compare.baselines, compare.lambdas,
+                                       warm=shared_warmup(session, settings), log=log)
             done = point_rows(session, points, settings)
             seconds[method] = time.perf_counter() - start
             rundir.write_part(run.out, method, done, run.digest)
@@ -239,7 +257,7 @@ def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, o
         compare = dataclasses.replace(compare, lambdas=tuple(run.lambdas))
         run.write_status("training")
         groups = _jei_groups(session, run, compare, settings, log)
-        baseline_rows = _baseline_rows(session, run, compare, settings, not overwrite, log)
+        baseline_rows = _baseline_rows(session, run, compare, settings, groups, not overwrite, log)
         run.write_status("evaluating")
         start = time.perf_counter()
         rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]

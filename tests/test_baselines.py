@@ -143,6 +143,23 @@ def test_fixed_ims_leave_im_weights_bit_identical():
     assert not torch.equal(heads.gate_weight, init.gate_weight)
 
 
+def test_fixed_ims_is_jei_exactly_when_jei_never_switches():
+    """compare re-uses JEI-DNN's models as fixed-ims when fixed_ims_is_jei says so: then train_stack with the
+    settings themselves trains exactly the fixed-ims models; with a bi_switch inside the phase it is not so."""
+    from heads.baselines import fixed_ims_is_jei
+    from heads.train import train_stack
+    data, _ = _data(frozen_last=True)
+    never = dataclasses.replace(SETTINGS, bi_switch=1 << 40)
+    assert fixed_ims_is_jei(data, never) and not fixed_ims_is_jei(data, SETTINGS)
+    warm = warmup(data, never)
+    lambdas = [0.05, 0.5]
+    for settings, same in ((never, True), (SETTINGS, False)):
+        fixed = train_fixed_ims(data, warm, lambdas, settings)
+        jei = train_stack(data, warm, [{"lam": lam} for lam in lambdas], settings)
+        pairs = list(zip(fixed.im_params() + fixed.gate_params(), jei.im_params() + jei.gate_params()))
+        assert all(torch.equal(a, b) for a, b in pairs) == same
+
+
 def test_diffbranch_loss_reaches_ims_and_gates():
     data, _ = _data(frozen_last=False)
     heads = StackedHeads.init(data.exit_dims, K, 2, data.trains_last, seed=0)

@@ -175,7 +175,8 @@ def test_report_on_a_compare_run_overlays_methods_and_writes_the_matched_costs(r
         assert min(r["cost_norm"] for r in pts) <= lo and max(r["cost_norm"] for r in pts) >= hi
 
 
-def test_rerun_reuses_finished_methods_and_trains_only_new_ones(cache, tmp_path, monkeypatch):
+def trained_methods(monkeypatch) -> list:
+    """The methods compare asks run_baselines to train from now on, in order (a list that fills as it runs)."""
     trained = []
     real = compare_module.run_baselines
 
@@ -183,6 +184,11 @@ def test_rerun_reuses_finished_methods_and_trains_only_new_ones(cache, tmp_path,
         trained.extend(methods)
         return real(data, test, methods, *args, **kwargs)
     monkeypatch.setattr(compare_module, "run_baselines", counting)
+    return trained
+
+
+def test_rerun_reuses_finished_methods_and_trains_only_new_ones(cache, tmp_path, monkeypatch):
+    trained = trained_methods(monkeypatch)
     job = CompareSettings(LAMBDAS, ("jei", "threshold", "fixed-ims"), ())
     first = run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, log=lambda *_: None)
     assert trained == ["threshold", "fixed-ims"]
@@ -285,13 +291,17 @@ def test_common_range_leaves_out_a_narrow_method_that_overlaps_nobody():
     assert common_range({**points, "diffbranch": span(0.14, 0.3)}) == (0.25, 0.3)   # overlapping: kept
 
 
-def test_recipe_converged_trains_only_the_gates_on_converged_ims_and_explicit_options_win(cache, tmp_path):
+def test_recipe_converged_trains_only_the_gates_on_converged_ims_and_explicit_options_win(cache, tmp_path,
+                                                                                          monkeypatch):
     """--recipe converged, the default: the IMs warmed up until they stop improving, then the GATE state only, so
-    its JEI-DNN models are the fixed-ims ablation's exactly; an option given explicitly overrides the recipe."""
+    its JEI-DNN models are the fixed-ims ablation's exactly (test_baselines shows they train the same; here they
+    are re-used, not trained again); an option given explicitly overrides the recipe."""
+    trained = trained_methods(monkeypatch)
     common = ["--cache", cache, "--lambdas", "0.1,1", "--methods", "jei,fixed-ims", "--batch-size", "32",
               "--device", "cpu", "--no-progress"]
     result = invoke("compare", *common, "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
+    assert trained == [] and "never leaves the GATE state" in result.output
     train = json.loads((tmp_path / "r" / "settings.json").read_text())["identity"]["train"]
     assert train == dataclasses.asdict(default_settings(batch_size=32, device="cpu"))
     assert (train["warmup_patience"], train["im_loss"], train["targets"]) == (3, "uniform", "ifmin")
