@@ -141,6 +141,30 @@ def test_stacked_adam_matches_torch_adam_per_trial():
         torch.testing.assert_close(stacked[:, t], alone[t].detach())
 
 
+def test_stacked_adam_is_per_parameter_adam_update_bit_for_bit():
+    """StackedAdam's multi-tensor step equals adam_update_torch applied parameter by parameter, exactly (several
+    parameters, trial axes 0 and 1, an inactive trial, weight decay per trial)."""
+    from heads.kernels import adam_scales, adam_update_torch
+    gen = torch.Generator().manual_seed(1)
+    lr, wd = torch.tensor([0.01, 0.003, 0.02]), torch.tensor([5e-4, 0.0, 1e-3])
+    params = [torch.randn(5, 3, 4, generator=gen), torch.randn(3, 4, generator=gen), torch.randn(3, 7, generator=gen)]
+    dims = [1, 0, 0]
+    ref = [p.clone() for p in params]
+    m, v = [torch.zeros_like(p) for p in ref], [torch.zeros_like(p) for p in ref]
+    adam = StackedAdam(params, dims, lr, wd)
+    for step in range(1, 8):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        active = torch.tensor([True, step < 4, True])
+        adam.step(grads, active)
+        lr_scale, eps_scale = adam_scales(step, 0.9, 0.999)
+        step_lr = lr * active.float() * lr_scale
+        for p, g, mm, vv, d in zip(ref, grads, m, v, dims):
+            shape = [-1 if i == d else 1 for i in range(p.dim())]
+            adam_update_torch(p, g, mm, vv, step_lr.view(shape), wd.view(shape), 0.9, 0.999, 1e-8 * eps_scale)
+    for got, want in zip(params, ref):
+        assert torch.equal(got, want)
+
+
 def test_make_train_data_halves_val_and_normalises_costs():
     dims, k = [4, 6], 3
 
