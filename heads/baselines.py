@@ -118,15 +118,22 @@ def split_logits(heads: StackedHeads, split: SplitTensors) -> torch.Tensor:
     return heads.outputs(split.features, split.logits, gates=False)[0]
 
 
-def _one_trial_adam(params, lr: float, weight_decay: float, device) -> Callable:
-    """update(loss): one step of the project's Adam (heads.train.StackedAdam, as JEI-DNN) on params, one trial."""
-    adam = StackedAdam(params, [0] * len(params), torch.tensor([lr], device=device),
-                       torch.tensor([weight_decay], device=device))
-    active = torch.ones(1, dtype=torch.bool, device=device)
+class OneTrialAdam:
+    """update(loss) or update.apply(grads): one step of the project's Adam (heads.train.StackedAdam, as JEI-DNN) on
+    params, one trial."""
 
-    def update(loss):
-        adam.step(torch.autograd.grad(loss, params), active)
-    return update
+    def __init__(self, params, lr: float, weight_decay: float, device):
+        self.params = list(params)
+        self.adam = StackedAdam(self.params, [0] * len(self.params), torch.tensor([lr], device=device),
+                                torch.tensor([weight_decay], device=device))
+        self.active = torch.ones(1, dtype=torch.bool, device=device)
+
+    def __call__(self, loss):
+        self.apply(torch.autograd.grad(loss, self.params))
+
+    def apply(self, grads):
+        self.adam.step(grads, self.active)
+
 
 
 def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score: Callable) -> StackedHeads:
@@ -135,7 +142,7 @@ def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score:
     heads = _single_model(data, settings)
     for p in heads.im_params():
         p.requires_grad_(True)
-    update = _one_trial_adam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
+    update = OneTrialAdam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[1])
     best, best_score, stale = heads.select(0), math.inf, 0
     for epoch in range(settings.max_epochs):
@@ -225,26 +232,59 @@ def _budget_loss(logits: torch.Tensor, labels: torch.Tensor, fractions: torch.Te
     return (sums / counts).sum()
 
 
+@torch.no_grad()
+def _weighted_ce_grads(feats, residual: torch.Tensor, weights: torch.Tensor, n_trained: int):
+    """Gradient of _weighted_loss in the IM parameters, closed form for linear IMs: exit l's logit gradient of
+    sample b is weights_bl (softmax_bl - onehot_b) / B. residual: (B, L, K) softmax - onehot; weights: (B, L).
+    Returns [(D_l, 1, K) weight grads] + [(1, K) bias grads] for the n_trained IMs (heads.im_params() order)."""
+    coef = residual[:, :n_trained] * (weights[:, :n_trained, None] / residual.shape[0])       # (B, L', K)
+    grad_w = [(x.T @ coef[:, l]).unsqueeze(1) for l, x in enumerate(feats[:n_trained])]
+    return grad_w + [coef.sum(0)[l][None] for l in range(n_trained)]
+
+
+def l2w_residual(heads: StackedHeads, feats, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
+    """One trial's (B, L, K) softmax - onehot of every exit and its (B, L) cross-entropy on a batch."""
+    with torch.no_grad():
+        logits = heads.im_logits(feats, last)[0]
+        ce = exit_cross_entropy(logits[None], labels)[0]
+        residual = torch.softmax(logits, -1)
+        residual[torch.arange(len(labels)), :, labels] -= 1.0
+    return residual, ce
+
+
+def l2w_meta_gradient(heads: StackedHeads, wpn: nn.Module, feats, residual, ce, meta_rows, fractions,
+                      bs: BaselineSettings) -> tuple[torch.Tensor, ...]:
+    """The WPN's gradient of L2W-DEN's meta objective (train_l2w): the budget loss on meta_rows of the IMs after
+    one look-ahead SGD step on the weighted loss of the train half (feats, its residual and ce, l2w_residual)."""
+    n_trained, params = len(heads.im_weight), list(wpn.parameters())
+    weights = l2w_weights(wpn(ce), bs.l2w_epsilon)                                           # in the WPN's graph
+    grads = _weighted_ce_grads(feats, residual, weights.detach(), n_trained)
+    ahead = [(p.detach() - bs.l2w_lookahead_lr * g).requires_grad_(True) for p, g in zip(heads.im_params(), grads)]
+    ahead_heads = dataclasses.replace(heads, im_weight=ahead[:n_trained], im_bias=ahead[n_trained:])
+    meta = _budget_loss(ahead_heads.im_logits(meta_rows[0], meta_rows[2]), meta_rows[1], fractions)
+    g_ahead = torch.autograd.grad(meta, ahead)
+    with torch.no_grad():
+        d_weights = torch.zeros_like(weights)
+        for l, x in enumerate(feats[:n_trained]):
+            u = x @ g_ahead[l][:, 0] + g_ahead[n_trained + l]                                     # (B, K)
+            d_weights[:, l] = (u * residual[:, l]).sum(-1) * (-bs.l2w_lookahead_lr / residual.shape[0])
+    return torch.autograd.grad(weights, params, grad_outputs=d_weights)
+
+
 def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) -> tuple[StackedHeads, nn.Module]:
     """L2W-DEN: every batch is halved; each half in turn trains the IMs with per-sample, per-exit loss weights from
     the WPN while the other half meta-trains the WPN: a look-ahead SGD step of the IMs under the predicted weights
-    (kept differentiable in the WPN), then the budget-routed loss of the look-ahead IMs on the held-out half."""
+    (kept differentiable in the WPN), then the budget-routed loss of the look-ahead IMs on the held-out half.
+
+    The meta-gradient is taken in closed form rather than by differentiating through autograd's gradient: for a
+    linear IM, theta'_l = theta_l - a/B sum_b w_bl x_bl (s_bl - y_b)^T, so d meta / d w_bl = -a/B <x_bl G_l + g_l,
+    s_bl - y_b>, with (G_l, g_l) the meta loss's gradient in IM l's look-ahead weight and bias; autograd then
+    carries that into the WPN. The IM step uses the same closed-form gradient."""
     n_exits = len(data.exit_dims)
     wpn = WeightPredictionNet(n_exits, bs.l2w_hidden, seed_streams(settings.seed)[2]).to(settings.device)
-    meta_update = _one_trial_adam(list(wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
+    meta_update = OneTrialAdam(list(wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
     fractions = budget_fractions(bs.l2w_p, n_exits).to(settings.device)
     calls = [0]
-
-    def meta_step(heads, train_rows, meta_rows):
-        params = heads.im_params()
-        ce = exit_cross_entropy(heads.im_logits(train_rows[0], train_rows[2]), train_rows[1])
-        inner = _weighted_loss(ce, l2w_weights(wpn(ce[0].detach()), bs.l2w_epsilon))
-        grads = torch.autograd.grad(inner, params, create_graph=True)
-        n_w = len(heads.im_weight)
-        # the look-ahead IMs theta' = theta - a grad, functions of the WPN parameters through grad
-        ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(params, grads)]
-        ahead_heads = dataclasses.replace(heads, im_weight=ahead[:n_w], im_bias=ahead[n_w:])
-        meta_update(_budget_loss(ahead_heads.im_logits(meta_rows[0], meta_rows[2]), meta_rows[1], fractions))
 
     def step(heads, update, feats, labels, last):
         half = (labels.shape[0] + 1) // 2
@@ -253,13 +293,15 @@ def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) ->
             parts = [slice(0, half), slice(half, None)]
             rows = [([f[s] for f in feats], labels[s], None if last is None else last[s]) for s in parts]
         for i, train_rows in enumerate(rows):
+            residual, ce = l2w_residual(heads, *train_rows)
             if len(rows) == 2 and calls[0] % bs.l2w_meta_interval == 0:
-                meta_step(heads, train_rows, rows[1 - i])   # the other half is the held-out meta data
+                # the other half is the held-out meta data
+                meta_update.apply(l2w_meta_gradient(heads, wpn, train_rows[0], residual, ce, rows[1 - i], fractions,
+                                                    bs))
             calls[0] += 1
-            ce = exit_cross_entropy(heads.im_logits(train_rows[0], train_rows[2]), train_rows[1])
             with torch.no_grad():
-                weights = l2w_weights(wpn(ce[0]), bs.l2w_epsilon)
-            update(_weighted_loss(ce, weights))
+                weights = l2w_weights(wpn(ce), bs.l2w_epsilon)
+            update.apply(_weighted_ce_grads(train_rows[0], residual, weights, len(heads.im_weight)))
 
     def v2_score(heads):
         return exit_cross_entropy(split_logits(heads, data.v2), data.v2.labels).sum(-1).mean()

@@ -261,3 +261,35 @@ def test_shared_threshold_for_cost_moves_the_gates_own_rule_to_the_target():
     saturated = conf.clone()
     saturated[:, 0] = 1.0                              # a saturated first gate fires at any t < 1: cost 0.1 at most
     assert shared_threshold_for_cost(saturated, ic_norm, 0.6) is None
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_l2w_closed_form_meta_gradient_equals_autograd_through_the_gradient(frozen_last):
+    """The WPN gradient of the meta objective, closed form (l2w_meta_gradient), equals differentiating the
+    look-ahead step's own autograd gradient (create_graph), L2W-DEN's usual implementation; likewise the IM step."""
+    from heads.baselines import (_budget_loss, _weighted_ce_grads, _weighted_loss, l2w_meta_gradient,
+                                 l2w_residual)
+    data, _ = _data(frozen_last=frozen_last)
+    bs = BaselineSettings()
+    heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
+    wpn = WeightPredictionNet(len(DIMS), bs.l2w_hidden, seed=4)
+    fractions = budget_fractions(bs.l2w_p, len(DIMS))
+    train_rows, meta_rows = data.train.rows(torch.arange(0, 20)), data.train.rows(torch.arange(20, 41))
+    residual, ce = l2w_residual(heads, *train_rows)
+    got = l2w_meta_gradient(heads, wpn, train_rows[0], residual, ce, meta_rows, fractions, bs)
+
+    params = [p.clone().requires_grad_(True) for p in heads.im_params()]
+    n_w = len(heads.im_weight)
+    live = dataclasses.replace(heads, im_weight=params[:n_w], im_bias=params[n_w:])
+    ce_live = exit_cross_entropy(live.im_logits(train_rows[0], train_rows[2]), train_rows[1])
+    weights = l2w_weights(wpn(ce_live[0].detach()), bs.l2w_epsilon)
+    grads = torch.autograd.grad(_weighted_loss(ce_live, weights), params, create_graph=True)
+    ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(params, grads)]
+    ahead_heads = dataclasses.replace(heads, im_weight=ahead[:n_w], im_bias=ahead[n_w:])
+    meta = _budget_loss(ahead_heads.im_logits(meta_rows[0], meta_rows[2]), meta_rows[1], fractions)
+    want = torch.autograd.grad(meta, list(wpn.parameters()))
+    assert max(float(w.abs().max()) for w in want) > 1e-4          # a gradient worth comparing
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    for g, w in zip(_weighted_ce_grads(train_rows[0], residual, weights.detach(), n_w), grads):
+        torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-7)
