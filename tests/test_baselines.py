@@ -293,3 +293,19 @@ def test_l2w_closed_form_meta_gradient_equals_autograd_through_the_gradient(froz
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
     for g, w in zip(_weighted_ce_grads(train_rows[0], residual, weights.detach(), n_w), grads):
         torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_boosted_closed_form_grads_equal_autograd(frozen_last):
+    """boosted_grads = autograd of sum over trained exits of CE(y, o_s + gamma sg(F_{s-1})), batch mean."""
+    from heads.baselines import boosted_grads
+    data, _ = _data(frozen_last=frozen_last)
+    heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
+    feats, labels, last = data.train.rows(torch.arange(0, 30))
+    params = [p.clone().requires_grad_(True) for p in heads.im_params()]
+    n_w = len(heads.im_weight)
+    live = dataclasses.replace(heads, im_weight=params[:n_w], im_bias=params[n_w:])
+    ens = boosted_ensemble(live.im_logits(feats, last), 0.5, n_w, detach=True)
+    want = torch.autograd.grad(exit_cross_entropy(ens, labels)[..., :n_w].sum(-1).mean(), params)
+    for g, w in zip(boosted_grads(heads, feats, labels, last, 0.5), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
