@@ -65,6 +65,8 @@ TRAIN_OPTIONS = (
     click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=None,
                  help="Seed of weights and batch order (default 0)."),
     click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                 help="torch (and numba) threads of stage two (default on a CPU: 1; README, 'Threads', says why)."),
 )
 RUN_OPTIONS = (
     click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
@@ -93,7 +95,9 @@ def _train_settings(kwargs: dict, cache_path):
 
     from cache.store import CacheError, open_cache
     from heads.train import DEFAULT_RECIPE, PAPER_DATASET_DEFAULTS, RECIPES, TrainSettings
+    from heads.cpu import use_threads
     recipe = RECIPES[kwargs.pop("recipe", None) or DEFAULT_RECIPE]
+    threads = kwargs.pop("threads", None)
     given = {k: kwargs.pop(k) for k in TRAIN_FIELDS}
     given = {k: v for k, v in given.items() if v is not None}
     try:
@@ -113,6 +117,7 @@ def _train_settings(kwargs: dict, cache_path):
     given = {**PAPER_DATASET_DEFAULTS.get(dataset, {}), **recipe, **given}
     given.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     _check_device(given["device"])
+    use_threads(given["device"], threads)
     try:
         return TrainSettings(**given)
     except ValueError as err:

@@ -93,6 +93,17 @@ def match_torch_threads() -> None:
         numba.set_num_threads(n)
 
 
+def use_threads(device: str, threads: int | None = None) -> int:
+    """Stage two's torch (and so numba's) thread count: `threads` when given, else 1 on a CPU device (its products
+    are small enough that a second OpenMP thread buys little, and on a busy machine every parallel region waits
+    for a descheduled thread: README, 'Threads'); a GPU run keeps torch's default unless told. Returns it."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def configure() -> None:
     """Shared threads, then denormal flushing (idempotent)."""
     global _configured

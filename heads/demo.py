@@ -87,6 +87,7 @@ def demo_cmd(limit, lambdas, overwrite, progress):
     from heads.report import results_table, write_compare_plots, write_plots
     from heads.rundir import MATCHED, write_csv
     from heads.sweep import AutoLambdas
+    from heads.cpu import use_threads
     from heads.train import default_settings
 
     s = DEMO
@@ -104,6 +105,7 @@ def demo_cmd(limit, lambdas, overwrite, progress):
     click.echo(f"[2/3] python pipeline.py compare --cache {cache} --methods {','.join(s.methods)} --lambdas {text} "
                f"--out {s.run}{' --overwrite' if overwrite else ''}", err=True)
     settings = default_settings(device="cuda" if torch.cuda.is_available() else "cpu")
+    use_threads(settings.device)          # stage two's default, as the commands' --threads
     try:
         result = run_compare(cache, CompareSettings(lambdas, s.methods), settings, s.run,
                              overwrite=overwrite, progress=progress, log=lambda m: click.echo(m, err=True))

@@ -55,3 +55,15 @@ def test_parallel_kernels_run_torchs_thread_count(torch_threads):
     finally:
         torch.set_num_threads(before)
         cpu.match_torch_threads()
+
+
+
+def test_stage_two_threads_default_to_one_on_cpu_and_follow_the_option():
+    """A CPU run uses one torch thread unless --threads says otherwise; a GPU run keeps torch's count."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu.use_threads("cpu") == 1 == torch.get_num_threads()
+        assert cpu.use_threads("cpu", 2) == 2 and cpu.use_threads("cuda") == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

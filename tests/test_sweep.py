@@ -274,9 +274,11 @@ def test_auto_lambdas_parse_and_bad_counts_are_one_line_errors():
 def test_sweep_by_default_uses_auto_lambdas_and_the_converged_recipe(tiny_cache, tmp_path):
     args = ["sweep", "--cache", tiny_cache, "--lambdas", "auto:4", "--warmup-epochs", "6", "--max-epochs", "8",
             "--batch-size", "32", "--device", "cpu", "--no-progress", "--thresholds", "none", "--out", tmp_path / "a"]
-    first = invoke(*args)
+    import torch
+    first = invoke(*args, "--threads", "2")
+    threads, _ = torch.get_num_threads(), torch.set_num_threads(1)      # the option reached torch; restored
     assert first.exit_code == 0, first.output
-    assert "lambdas auto: 4 from" in first.output
+    assert threads == 2 and "lambdas auto: 4 from" in first.output
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert settings["identity"]["lambdas"] == "auto:4"
     train = settings["identity"]["train"]
