@@ -101,3 +101,27 @@ def test_torch_gradients_equal_autograd_through_cumsum():
     p = torch.softmax(torch.randn(4, 6, dtype=torch.float64, generator=gen), -1).requires_grad_(True)
     # max_prob and margin are piecewise linear, the entropies smooth: all differentiable away from ties
     assert torch.autograd.gradcheck(gate_features_torch, (p,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_kernel_gradient_equals_the_torch_path(dtype):
+    """gate_features with a gradient on the CPU (the kernels) = gate_features_torch, and the gradients they send
+    back through the softmax agree, on ordinary rows, rows whose softmax has exact zeros and saturated rows (the
+    entry a tie among zeros passes the margin's gradient to differs between the two, and the softmax drops it)."""
+    from heads.gate_features import gate_features
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(3, 5, 11, generator=gen, dtype=dtype) * torch.tensor([1.0, 4.0, 30.0], dtype=dtype)[:, None, None]
+    z[0, 0, :4] -= 2000.0                        # four exact zeros
+    z[1, 1, 3] += 2000.0                         # one, the rest zeros
+    up = torch.randn(3, 5, 4, generator=gen, dtype=dtype)
+    results = []
+    for fn in (gate_features, gate_features_torch):
+        leaf = z.clone().requires_grad_(True)
+        feats = fn(torch.softmax(leaf, -1))
+        results.append((feats.detach(), torch.autograd.grad((feats * up).sum(), leaf)[0]))
+    (feats, grad), (want_feats, want_grad) = results
+    p = torch.softmax(z, -1)
+    assert (p[0, 0, :4] == 0).all() and p[1, 1, 3] == 1.0 and (p[1, 1] == 0).sum() == 10
+    torch.testing.assert_close(feats, want_feats, rtol=0, atol=0 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-7)
+    assert grad.abs().sum() > 0
