@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
 
 from cache.store import create_or_resume, open_cache  # noqa: E402
+from heads.cpu import use_threads  # noqa: E402
 from heads.sweep import Session, SweepSettings, parse_lambdas, run_sweep  # noqa: E402
 from heads.train import TrainSettings, train_stack  # noqa: E402
 
@@ -118,7 +119,10 @@ def main(argv=None):
     parser.add_argument("--alone", type=int, default=3, help="lambdas trained one at a time, then extrapolated")
     parser.add_argument("--workdir", default=None, help="where to build the cache (default: a temporary folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: stage two's, heads.cpu.use_threads: 1 on a CPU)")
     args = parser.parse_args(argv)
+    use_threads(args.device, args.threads)
     shape = SMALL if args.small else FULL
     sizes = {s: shape[s] for s in ("train", "val", "test")}
     lambdas = parse_lambdas(args.lambdas)
