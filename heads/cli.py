@@ -74,6 +74,14 @@ RUN_OPTIONS = (
     click.option("--overwrite", is_flag=True, help="Replace a run of other settings at --out."),
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
 )
+MEMORY_OPTIONS = (
+    click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="GB",
+                 help="GiB stage two may hold: splits that do not fit stream from the store (default: 80% of the "
+                      "memory available at start)."),
+    click.option("--stream/--resident", "stream", default=None,
+                 help="Stream every split from the store / hold every split in memory (default: resident when "
+                      "the splits fit --memory-budget, streamed otherwise)."),
+)
 TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "max_epochs", "warmup_epochs", "warmup_patience", "bi_switch",
                 "patience", "targets", "full_gradient", "im_loss", "gate_weight_cap", "seed", "device")
 
@@ -117,6 +125,13 @@ def _train_settings(kwargs: dict, cache_path):
         return TrainSettings(**given)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+
+
+def _memory(kwargs: dict):
+    """MemorySettings from --memory-budget and --stream/--resident (removed from kwargs)."""
+    from heads.stream import MemorySettings
+    stream = kwargs.pop("stream")
+    return MemorySettings({None: "auto", True: "stream", False: "resident"}[stream], kwargs.pop("memory_budget"))
 
 
 def _check_device(name: str):
@@ -196,16 +211,19 @@ def _summarise(result):
 @click.option("--lam", type=FINITE, required=True, help="Cost weight lambda (> 0).")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train one JEI-DNN model (IMs + gates) from a feature cache, evaluate it, write a run directory."""
     if not lam > 0:
         raise click.BadParameter(f"{lam} must be > 0", param_hint="--lam")
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     from heads.sweep import SweepSettings, run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
-                                    command="train", overwrite=overwrite, progress=progress, log=click.echo))
+                                    command="train", overwrite=overwrite, progress=progress, log=click.echo,
+                                    memory=memory))
     _summarise(result)
 
 
@@ -217,6 +235,7 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
               "warmup_epochs=1:5 (integer range), weight_decay=1e-5:1e-3:3 (N log-spaced points).")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train every lambda (x every grid combination) in one stacked pass, select per lambda on V2, record all."""
@@ -226,13 +245,14 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     try:
         check_grid(settings, items)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(lambdas, items, thresholds), settings,
-                                    out, overwrite=overwrite, progress=progress, log=click.echo))
+                                    out, overwrite=overwrite, progress=progress, log=click.echo, memory=memory))
     _summarise(result)
 
 
@@ -243,6 +263,7 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
               help="The sweep whose models are moved to the target: auto, auto:N, A:B, A:B:N, a,b,c, or one value.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """The most accurate model on V2 that spends --target-cost: the lambda sweep, each selected model's gates given
@@ -253,9 +274,10 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--target-cost") from None
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
-                                          progress=progress, log=click.echo))
+                                          progress=progress, log=click.echo, memory=memory))
     _summarise(result)
     chosen = {r["split"]: r for r in result.rows if r["method"] == "jei-budget" and r["selected"]}
     test, v2 = chosen["test"], chosen["v2"]
@@ -296,18 +318,20 @@ def _matched(rows, run, split):
                    "one value.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
     from heads.compare import CompareSettings, run_compare
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     try:
         compare = CompareSettings(lambdas, methods, thresholds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
-                                      progress=progress, log=click.echo))
+                                      progress=progress, log=click.echo, memory=memory))
     _summarise(result)
     _matched(result.rows, result.path, "test")
 

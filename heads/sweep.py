@@ -33,7 +33,9 @@ from heads import rundir
 from heads.evaluate import ExitOutputs, evaluate
 from heads.exits import exit_decision, exit_distribution
 from heads.model import StackedHeads
-from heads.train import TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, train_stack, warmup
+from heads.stream import MemoryPlan, MemorySettings, plan_memory
+from heads.train import (TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, open_split, split_outputs,
+                         train_stack, warmup)
 
 LAMBDA_FORMS = ("A:B (20 log-spaced points), A:B:N (N points), a,b,c (a list) or one value, all > 0 and A < B; or "
                 "auto, auto:N (N lambdas chosen after the warm-up)")
@@ -234,15 +236,13 @@ class Session:
     """One cache loaded for stage two: train/V1/V2 tensors, the test split, the per-exit costs, and the warm-ups
     (one per distinct WARMUP_FIELDS values), computed on first use and shared by every later stacked pass."""
 
-    def __init__(self, cache, settings: TrainSettings, progress: bool = True):
-        self.progress = progress
-        self.data = make_train_data(cache, settings.device)
-        test = cache.load_split("test", device=settings.device, dtype=torch.float16)   # as stored; float32 per chunk
-        if len(test.labels) == 0:
+    def __init__(self, cache, settings: TrainSettings, progress: bool = True, plan: MemoryPlan | None = None):
+        self.progress, self.plan = progress, plan
+        self.data = make_train_data(cache, settings.device, plan=plan)
+        self.test = open_split(cache, "test", plan, settings.device)   # float16 as stored; float32 per chunk
+        if len(self.test) == 0:
             raise ValueError(f"{cache.path} has an empty test split")
-        self.test_features = test.features
-        self.test_logits = None if self.data.trains_last else test.logits
-        self.test_labels = test.labels.cpu().numpy()
+        self.test_labels = self.test.labels.cpu().numpy()
         self.costs = np.array([float(e["cumulative_total_macs"]) for e in cache.manifest["exits"]])
         self.warm, self.warm_seconds = {}, 0.0
 
@@ -259,12 +259,9 @@ class Session:
 
     def outputs(self, heads: StackedHeads, split: str):
         """(logits (T, N, L, K) numpy, P(G|x) (T, N, L) cpu tensor, labels (N,) numpy) of "v1", "v2" or "test"."""
-        if split in ("v1", "v2"):
-            part = getattr(self.data, split)
-            feats, last, labels = part.features, part.logits, part.labels.cpu().numpy()
-        else:
-            feats, last, labels = self.test_features, self.test_logits, self.test_labels
-        logits, g = heads.outputs(feats, last)
+        part = self.test if split == "test" else getattr(self.data, split)
+        logits, g = split_outputs(heads, part)
+        labels = self.test_labels if split == "test" else part.labels.cpu().numpy()
         return logits.cpu().numpy(), exit_distribution(g).cpu(), labels
 
 
@@ -496,11 +493,13 @@ class Run:
     """One run directory being produced: its identity (what decides the numbers), status in settings.json,
     trained heads saved as soon as they exist, results written last."""
 
-    def __init__(self, out, cache, command: str, settings: TrainSettings, extra: dict, overwrite: bool):
+    def __init__(self, out, cache, command: str, settings: TrainSettings, extra: dict, overwrite: bool,
+                 plan: MemoryPlan | None = None):
         self.cache, self.timings = cache, {}
         self.lambdas = None     # the lambdas trained, once known (`--lambdas auto` resolves them after the warm-up)
+        self.memory = None if plan is None else plan.describe()
         self.identity = {"command": command, "cache_fingerprint": cache.fingerprint,
-                         "train": dataclasses.asdict(settings), **extra}
+                         "train": dataclasses.asdict(settings), **extra, **({} if plan is None else plan.identity())}
         self.digest = rundir.settings_hash(self.identity)
         self.out = Path(out) if out is not None else Path("runs") / f"{command}-{self.digest[:10]}"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -528,6 +527,8 @@ class Run:
                     "timings": self.timings, **extra}
         if self.lambdas is not None:
             settings["lambdas"] = list(self.lambdas)
+        if self.memory is not None:
+            settings["memory"] = self.memory
         rundir.write_settings(self.out, settings)
         return settings
 
@@ -589,16 +590,18 @@ def trained_groups(run: Run, session: Session, settings: TrainSettings, lambdas,
 
 
 def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, command: str = "sweep",
-              overwrite: bool = False, progress: bool = True, log=print) -> RunResult:
+              overwrite: bool = False, progress: bool = True, log=print,
+              memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train, evaluate and record every lambda x grid trial (module docstring)."""
     from cache.store import open_cache
 
     check_grid(settings, sweep.grid)
     with open_cache(cache_path) as cache:
+        plan = plan_memory(cache, memory)
         run = Run(out, cache, command, settings, {"lambdas": lambda_identity(sweep.lambdas),
                                                   "thresholds": list(sweep.thresholds),
-                                                  "grid": {k: list(v) for k, v in sweep.grid}}, overwrite)
-        session = Session(cache, settings, progress)
+                                                  "grid": {k: list(v) for k, v in sweep.grid}}, overwrite, plan)
+        session = Session(cache, settings, progress, plan)
         groups = trained_groups(run, session, settings, sweep.lambdas, sweep.grid, log)
         run.write_status("evaluating")
         rows = _evaluate_all(session, run, groups)
