@@ -28,7 +28,7 @@ per-exit costs and class names too, and costs must be positive and non-decreasin
 cache with bad chunks marks exactly those not done and re-extracts them. Caches of format version 1 (no
 checksums) are still read, with a one-line warning. One process writes a store at a time (cache/lock.py).
 
-Ranks (torchrun, extract/distributed.py). The `done` and `checksums` arrays hold many chunks per file, so two
+Ranks (torchrun, torchrun.py). The `done` and `checksums` arrays hold many chunks per file, so two
 processes must not write them. Under torchrun rank 0 holds the lock for the whole run and the ranks write disjoint
 row chunks of the data arrays (one zarr chunk file each), but record each finished chunk in a journal beside the
 store (`<store>.ranks/<split>.<chunk>.r<rank>`: the chunk's checksums, written after its data, by atomic rename)

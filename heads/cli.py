@@ -193,13 +193,26 @@ THRESHOLD_OPTION = click.option(
 
 def _run(work):
     """Runs a stage-two job; bad input and run-directory conflicts become one-line errors."""
+    from torchrun import OtherRankFailed
     try:
         return work()
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    except OtherRankFailed:   # torchrun: the rank that failed printed why
+        raise SystemExit(1) from None
+
+
+def _one_process(command: str):
+    """fit and compare do not split their work across torchrun ranks: say so instead of running N copies."""
+    import torchrun
+    if torchrun.launched():
+        raise click.UsageError(f"{command} runs in one process; under torchrun only extract, sweep and train share "
+                               "their work across ranks: run `python pipeline.py " + command + " ...`")
 
 
 def _summarise(result):
+    if result is None:        # a torchrun rank other than 0: rank 0 writes and prints the run
+        return
     from heads.report import results_table
     click.echo(results_table(result.rows))
     for line in result.warnings:
@@ -268,6 +281,7 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
 def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """The most accurate model on V2 that spends --target-cost: the lambda sweep, each selected model's gates given
     per-exit thresholds fitted on V1 to that budget."""
+    _one_process("fit")
     from heads.fit import FitSettings, fit_target_cost
     try:
         fit = FitSettings(target_cost, lambdas, thresholds)
@@ -322,6 +336,7 @@ def _matched(rows, run, split):
 @_options(TRAIN_OPTIONS)
 def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
+    _one_process("compare")
     from heads.compare import CompareSettings, run_compare
     cache_path = _cache(cache_path)
     memory = _memory(kwargs)

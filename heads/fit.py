@@ -89,7 +89,7 @@ def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, 
         if not fit.target_cost > first:
             raise ValueError(f"a target cost of {fit.target_cost:g} is not above the first exit's cost {first:.3f}: "
                              "no model can spend less")
-        groups = trained_groups(run, session, settings, fit.lambdas, (), log)
+        groups, _ = trained_groups(run, session, settings, fit.lambdas, (), log)
         run.write_status("evaluating")
         start = time.perf_counter()
         rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
