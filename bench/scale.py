@@ -12,10 +12,12 @@ What it measures, each part in its own process so that peak RSS (ru_maxrss) is t
     recipe's GATE state, with the V1 class-weight pass and the V2 evaluation of the epoch), resident (--resident)
     and streamed (--memory-budget below the cache's size: train streams, val and test stay resident);
 (c) each run's peak RSS against the float16 bytes of the cache and of what it holds, and the issue's bound
-    1.25 x (held float16 bytes) + 1 GiB.
+    1.25 x (held float16 bytes) + 1 GiB; then the sweep's evaluation of one trial (every metric on V2 and test),
+    whose float32 (N, L, K) logits come on top of the features at K = 1000.
 Prints one table. The cache and the image tree stay in WORKDIR for a rerun; the extraction caches are rewritten.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -50,7 +52,7 @@ def epoch_child(cache_path: str, mode: str, budget_gb: float, lambdas: int) -> d
 
     from cache.store import open_cache
     from heads.stream import MemorySettings, plan_memory
-    from heads.sweep import Session
+    from heads.sweep import Session, evaluate_group
     from heads.train import default_settings, train_stack, warmup
     settings = default_settings(max_epochs=1, warmup_epochs=0, warmup_patience=0)
     before = peak_rss()
@@ -64,10 +66,16 @@ def epoch_child(cache_path: str, mode: str, budget_gb: float, lambdas: int) -> d
         heads = train_stack(session.data, warm, [{"lam": float(x)} for x in np.geomspace(0.01, 1, lambdas)],
                             settings)
         epoch = time.perf_counter() - start
+        trained = peak_rss()
+        start = time.perf_counter()        # the sweep's evaluation of one trial: every metric on V2 and test
+        evaluate_group(session, {"trials": [{"trial": 0, "lam": 0.01}], "heads": heads.select(0),
+                                 "settings": dataclasses.asdict(settings), "seconds": 0.0})
+        evaluated = time.perf_counter() - start
         described = plan.describe()
     held = described["resident_gib"] + described["streaming_buffers_gib"]
     return {"mode": mode, "load_s": loaded, "epoch_s": epoch, "rows": len(session.data.train),
-            "before_gib": before / GIB, "peak_gib": peak_rss() / GIB, "held_gib": held,
+            "eval_s": evaluated, "eval_rows": len(session.data.v2) + len(session.test),
+            "before_gib": before / GIB, "peak_gib": trained / GIB, "eval_peak_gib": peak_rss() / GIB, "held_gib": held,
             "cache_gib": sum(described["splits"][s]["gib"] for s in described["splits"]),
             "placement": {s: "resident" if v["resident"] else "streamed" for s, v in described["splits"].items()},
             "finite": bool(all(torch.isfinite(t).all() for t in heads.state_dict().values()))}
@@ -154,6 +162,9 @@ def main(argv=None):
               f"{' '.join(f'{s}:{p}' for s, p in e['placement'].items())} [{verdict}]")
     print("held = float16 features and logits kept resident + two streaming buffers; bound = 1.25 x held + 1 GiB; "
           "imports = peak RSS before loading (python, torch, numba)")
+    for e in epochs:
+        print(f"    {e['mode']}: the evaluation of one trial (V2 + test, {e['eval_rows']} rows, float32 logits of "
+              f"every exit) {e['eval_s']:.1f} s, peak RSS after it {e['eval_peak_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":
