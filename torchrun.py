@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 # Rank 0 may verify or convert a whole cache while the others wait (resume of a complete cache, HDF5 conversion),
-# or evaluate a whole sweep: far longer than gloo's default of 30 minutes. A rank that dies does not leave the others waiting this long:
-# torchrun stops every rank of a job when one fails.
+# and the ranks of a sweep wait for the slowest one's share: far longer than gloo's default timeout. A rank that
+# dies does not leave the others waiting this long: torchrun stops every rank of a job when one fails.
 TIMEOUT = datetime.timedelta(hours=6)
 
 

@@ -17,6 +17,7 @@ import click
 
 MAX_LAMBDAS = 10_000        # lambdas x grid values of one run: beyond this a typo, not a sweep
 MAX_EPOCHS = 100_000
+MAX_BUDGET_GB = 1e6          # --memory-budget: beyond this a typo (or inf), not a machine
 MIN_VAL_ROWS, MIN_TEST_ROWS = 20, 10   # V2 (half of val) and test feed bootstraps over 10 partitions
 
 
@@ -75,7 +76,8 @@ RUN_OPTIONS = (
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
 )
 MEMORY_OPTIONS = (
-    click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="GB",
+    click.option("--memory-budget", type=click.FloatRange(0, MAX_BUDGET_GB, min_open=True), default=None,
+                 metavar="GB",
                  help="GiB stage two may hold: splits that do not fit stream from the store (default: 80% of the "
                       "memory available at start)."),
     click.option("--stream/--resident", "stream", default=None,

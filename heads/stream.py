@@ -59,8 +59,8 @@ class MemorySettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown memory mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.budget_gb is not None and not self.budget_gb > 0:
-            raise ValueError(f"the memory budget must be > 0 GB, got {self.budget_gb}")
+        if self.budget_gb is not None and not (self.budget_gb > 0 and math.isfinite(self.budget_gb)):
+            raise ValueError(f"the memory budget must be a finite number of GB > 0, got {self.budget_gb}")
 
 
 @dataclass(frozen=True)

@@ -147,8 +147,8 @@ def test_torchrun_two_ranks_sweep_the_one_process_rows(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(ROOT / "pipeline.py"), *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                          f"--master_port={free_port()}", str(ROOT / "pipeline.py"), *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("run directory:") == 1                # rank 0 alone prints the run
     want, got = _rows_by_key(tmp_path / "one"), _rows_by_key(tmp_path / "two")

@@ -99,5 +99,6 @@ def test_memory_options_choose_and_record_the_placement(cache, tmp_path):
     assert res.exit_code == 0, res.output
     memory = json.loads((tmp_path / "r" / "settings.json").read_text())["memory"]
     assert all(v["resident"] for v in memory["splits"].values()) and memory["streaming_buffers_gib"] == 0
-    res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x"), "--memory-budget", "0"])
-    assert res.exit_code == 2 and "--memory-budget" in res.output
+    for bad in ("0", "inf", "nan", "lots"):
+        res = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x"), "--memory-budget", bad])
+        assert res.exit_code == 2 and "--memory-budget" in res.output, (bad, res.output)
