@@ -75,9 +75,14 @@ RUN_OPTIONS = (
     click.option("--overwrite", is_flag=True, help="Replace a run of other settings at --out."),
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
 )
+def _budget(ctx, param, value):
+    if value is not None and not 0 < value <= MAX_BUDGET_GB:
+        raise click.BadParameter(f"{value:g}: expected GB in (0, {MAX_BUDGET_GB:g}]", ctx, param)
+    return value
+
+
 MEMORY_OPTIONS = (
-    click.option("--memory-budget", type=click.FloatRange(0, MAX_BUDGET_GB, min_open=True), default=None,
-                 metavar="GB",
+    click.option("--memory-budget", type=FINITE, default=None, metavar="GB", callback=_budget,
                  help="GiB stage two may hold: splits that do not fit stream from the store (default: 80% of the "
                       "memory available at start)."),
     click.option("--stream/--resident", "stream", default=None,
