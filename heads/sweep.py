@@ -13,6 +13,14 @@ then evaluated on V2 and test (heads.evaluate.evaluate), the trial with the best
 marked `selected`, the selected models also trace gate-threshold curves (method "jei-threshold"), and the warm-up
 IMs give the fixed single-exit reference points (method "single-exit"). Columns: heads/rundir.py.
 
+Memory: heads/stream.py places each split resident or streamed (run_sweep's `memory`; `--memory-budget`,
+`--stream/--resident`); a streamed training split changes the batch order, so the run's identity records it.
+
+Several devices: under torchrun (`torchrun --nproc_per_node=N pipeline.py sweep ...`) every rank loads the cache and
+runs the same warm-up, then trains every N-th trial of each stacked pass and evaluates them; rank 0 alone owns the
+run directory, gathers the heads (merge_groups: the one-process trial order) and the rows, and finishes the run as
+one process would. Equal to a one-process run up to the rounding a stack's width brings (README, Stage two).
+
 Interruption: settings.json is written before training; the heads are saved as soon as training ends; the
 results last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
 skipped, evaluation redone); a run killed during training starts its training again (the warm-up and bi-level
