@@ -3,6 +3,7 @@
 
     python bench/sweep_memory.py --workdir /tmp/mem           # the sweep_speed cache (40k/10k/10k x 14 x 384)
     python bench/sweep_memory.py --workdir /tmp/mem --small
+    python bench/sweep_memory.py --workdir /tmp/mem --memory-budget 0.3     # the same sweep, train streamed
 
 The first call writes the synthetic cache of bench/sweep_speed.py into WORKDIR and stops (so that the sweep's
 process starts without the writer's memory); the next call runs the default 20-lambda sweep over it in this
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 
 from bench.sweep_speed import FULL, SMALL, write_synthetic_cache  # noqa: E402
 from cache.store import open_cache  # noqa: E402
+from heads.stream import MemorySettings  # noqa: E402
 from heads.sweep import SweepSettings, parse_lambdas, run_sweep  # noqa: E402
 from heads.train import TrainSettings  # noqa: E402
 
@@ -36,6 +38,8 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--max-epochs", type=int, default=3, help="epochs do not change the memory; keep it short")
     parser.add_argument("--lambdas", default="0.01:10")
+    parser.add_argument("--memory-budget", type=float, default=None,
+                        help="GB stage two may hold (heads/stream.py): splits that do not fit stream from the store")
     args = parser.parse_args(argv)
     shape = SMALL if args.small else FULL
     cache = Path(args.workdir) / ("small.zarr" if args.small else "bench.zarr")
@@ -52,10 +56,15 @@ def main(argv=None):
     before = peak_gib()
     start = time.perf_counter()
     result = run_sweep(cache, SweepSettings(tuple(parse_lambdas(args.lambdas))),
-                       TrainSettings(max_epochs=args.max_epochs), run, progress=False, log=lambda *_: None)
+                       TrainSettings(max_epochs=args.max_epochs), run, progress=False, log=lambda *_: None,
+                       memory=MemorySettings(budget_gb=args.memory_budget))
     took = time.perf_counter() - start
+    memory = result.settings["memory"]
+    held = memory["resident_gib"] + memory["streaming_buffers_gib"]
     print(f"sweep {took:.1f} s; peak RSS {peak_gib():.2f} GiB (before the sweep {before:.2f} GiB); features and "
-          f"logits of every split, the part stage two holds resident: {stored / 2 ** 30:.2f} GiB as float16")
+          f"logits of every split: {stored / 2 ** 30:.2f} GiB as float16; held (resident splits + streaming "
+          f"buffers) {held:.2f} GiB, the bound 1.25 x held + 1 GiB = {1.25 * held + 1:.2f} GiB; placement "
+          + ", ".join(f"{s} {'resident' if v['resident'] else 'streamed'}" for s, v in memory["splits"].items()))
     chosen = sorted((r["lam"], r["accuracy"], r["cost_norm"]) for r in result.rows
                     if r["method"] == "jei" and r["split"] == "test")
     print("test accuracy / cost per lambda: " + ", ".join(f"{lam:.3g}: {a:.4f}/{c:.4f}" for lam, a, c in chosen))

@@ -28,7 +28,7 @@ per-exit costs and class names too, and costs must be positive and non-decreasin
 cache with bad chunks marks exactly those not done and re-extracts them. Caches of format version 1 (no
 checksums) are still read, with a one-line warning. One process writes a store at a time (cache/lock.py).
 
-Ranks (torchrun, extract/distributed.py). The `done` and `checksums` arrays hold many chunks per file, so two
+Ranks (torchrun, torchrun.py). The `done` and `checksums` arrays hold many chunks per file, so two
 processes must not write them. Under torchrun rank 0 holds the lock for the whole run and the ranks write disjoint
 row chunks of the data arrays (one zarr chunk file each), but record each finished chunk in a journal beside the
 store (`<store>.ranks/<split>.<chunk>.r<rank>`: the chunk's checksums, written after its data, by atomic rename)
@@ -708,10 +708,12 @@ class Cache:
         self._check_split(split)
         return self.layout["splits"][split]
 
-    def load_split(self, split: str, device="cpu", dtype=torch.float32) -> SplitArrays:
-        """The whole split in memory (RAM or a torch device), read in large contiguous blocks."""
+    def load_split(self, split: str, device="cpu", dtype=torch.float32, out: list | None = None) -> SplitArrays:
+        """The whole split in memory (RAM or a torch device), read in large contiguous blocks. `out`: one tensor
+        per exit to read the features into (e.g. the rows of one stacked (L, N, D) tensor, so that no second
+        copy is made to stack them)."""
         self._check_split(split)
-        return self._read(split, 0, self.layout["splits"][split], device, dtype)
+        return self.read_rows(split, 0, self.layout["splits"][split], device, dtype, out=out)
 
     def iter_blocks(self, split: str, rows: int | None = None, device="cpu", dtype=torch.float32):
         """Yields (start, SplitArrays) over consecutive row blocks, for splits that do not fit in memory.
@@ -720,19 +722,30 @@ class Cache:
         n = self.layout["splits"][split]
         row_bytes = 2 * sum(d * (self.layout["tokens"] or 1) for d in self.exit_dims)
         for start, stop in row_blocks(n, rows or block_rows(self.layout, row_bytes)):
-            yield start, self._read(split, start, stop, device, dtype)
+            yield start, self.read_rows(split, start, stop, device, dtype)
 
-    def _read(self, split, start, stop, device, dtype) -> SplitArrays:
-        """Rows [start, stop) of every array, read in blocks of whole chunks so that each chunk's checksum is
-        verified (a partly asked chunk is read whole); NaN/Inf and labels out of range are refused too."""
+    def read_rows(self, split, start, stop, device="cpu", dtype=torch.float32, out: list | None = None,
+                  labels_only: bool = False) -> SplitArrays:
+        """Rows [start, stop) of every array (labels_only: of the labels; features [] and logits None), read
+        in blocks of whole chunks so that each chunk's checksum is verified (a partly asked chunk is read
+        whole); NaN/Inf and labels out of range are refused too. `out`: as in load_split."""
+        self._check_split(split)
         specs = array_specs(self.layout, split)
         rows, n = self.layout["chunk_rows"], self.layout["splits"][split]
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows {start}:{stop} outside {split}'s {n} rows")
         lo, hi = start // rows * rows, min(-(-stop // rows) * rows, n)
+        given = {} if out is None else {f"features/{l}": t for l, t in enumerate(out, start=1)}
         out = {}
-        for name in data_names(self.layout, split):
+        for name in ["labels"] if labels_only else data_names(self.layout, split):
             shape, _, stored = specs[name]
-            t = torch.empty((stop - start, *shape[1:]), dtype=torch.int64 if name == "labels" else dtype,
-                            device=device)
+            t = given.get(name)
+            if t is None:
+                t = torch.empty((stop - start, *shape[1:]), dtype=torch.int64 if name == "labels" else dtype,
+                                device=device)
+            elif tuple(t.shape) != (stop - start, *shape[1:]):
+                raise ValueError(f"out tensor for {name} has shape {tuple(t.shape)}, the rows need "
+                                 f"{(stop - start, *shape[1:])}")
             row_bytes = np.dtype(stored).itemsize * int(np.prod(shape[1:], dtype=np.int64))
             for a0, a1 in row_blocks(hi - lo, block_rows(self.layout, row_bytes)):
                 b0, b1 = lo + a0, lo + a1
@@ -741,7 +754,7 @@ class Cache:
                 if c0 < c1:
                     t[c0 - start:c1 - start].copy_(torch.from_numpy(block[c0 - b0:c1 - b0]))
             out[name] = t
-        feats = [out[f"features/{l}"] for l in range(1, len(self.exit_dims) + 1)]
+        feats = [out[f"features/{l}"] for l in range(1, len(self.exit_dims) + 1)] if not labels_only else []
         return SplitArrays(features=feats, labels=out["labels"], logits=out.get("logits"))
 
     def _checked_block(self, split: str, name: str, start: int, stop: int) -> np.ndarray:

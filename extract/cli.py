@@ -1,7 +1,7 @@
 """`extract` (fill a feature cache) and `costs` (per-exit Mul-Adds) commands.
 
     python pipeline.py extract --backbone t2t_vit_7 --weights ckpt.pth.tar --dataset cifar10 --data-dir data
-    torchrun --nproc_per_node=4 pipeline.py extract ...    # one rank per GPU (extract/distributed.py)
+    torchrun --nproc_per_node=4 pipeline.py extract ...    # one rank per GPU (torchrun.py)
     python pipeline.py costs --backbone t2t_vit_14 --num-classes 100 --img-size 224 --json
 """
 import json
@@ -56,7 +56,7 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
     import torch
 
     from cache.store import CacheError
-    from .distributed import OtherRankFailed
+    from torchrun import OtherRankFailed
     from .run import ExtractionError, ExtractSettings, run_extraction
     try:
         settings = ExtractSettings(

@@ -29,9 +29,9 @@ import timm
 import torch
 from tqdm import tqdm
 
+import torchrun
 from cache.store import DEFAULT_CHUNK_ROWS, FORMAT_VERSION, FORMATS, create_or_resume, fingerprint, open_rank_writer
 
-from . import distributed
 from .backbones import backbone_data_config, load_backbone
 from .costs import exit_costs
 from .datasets import DATASETS, DataSettings, load_splits
@@ -204,7 +204,7 @@ def _groups(pending: list[int], chunk_rows: int, group_rows: int, n: int) -> lis
 def run_extraction(s: ExtractSettings) -> Path:
     """Fills (or resumes) the cache of `s`; returns its path. Already-complete caches are left as they are.
     Under torchrun every rank calls this; the ranks share the work (_run_ranks)."""
-    if distributed.launched():
+    if torchrun.launched():
         return _run_ranks(s)
     backbone, splits, manifest, layout, device = prepare(s)
     out = Path(s.out) if s.out else default_out(s, manifest)
@@ -298,7 +298,7 @@ def _run_ranks(s: ExtractSettings) -> Path | None:
     are dealt out round robin; each rank computes and writes its own (data + journal record, cache/store.py);
     after a barrier rank 0 folds the journal, verifies every chunk and sets `complete`. Returns the cache's
     path on rank 0, None on the others."""
-    ranks = distributed.Ranks.from_env()
+    ranks = torchrun.Ranks.from_env()
     s = dataclasses.replace(s, device=ranks.device(s.device))
     ranks.start(s.device)
     try:
@@ -321,7 +321,7 @@ def _rank_work(s: ExtractSettings, ranks) -> Path | None:
             raise
     setup = ranks.broadcast(setup)
     if "error" in setup:
-        raise distributed.OtherRankFailed(setup["error"])
+        raise torchrun.OtherRankFailed(setup["error"])
     try:
         if setup["complete"]:
             if ranks.rank == 0:
@@ -351,7 +351,7 @@ def _rank_work(s: ExtractSettings, ranks) -> Path | None:
         if error is not None:
             raise error
         if failed:
-            raise distributed.OtherRankFailed(f"rank(s) {', '.join(map(str, failed))} failed")
+            raise torchrun.OtherRankFailed(f"rank(s) {', '.join(map(str, failed))} failed")
         if ranks.rank:
             return None
         path = writer.finish()   # folds every rank's records, verifies every chunk, then `complete`

@@ -1,8 +1,7 @@
 """The paper's baselines and ablations, trained from the same feature cache (and the same IMs) as JEI-DNN.
 
     session = Session(cache, settings)                                   # heads/sweep.py: data, test, costs
-    test = SplitTensors(session.test_features, torch.as_tensor(session.test_labels), session.test_logits)
-    points = run_baselines(session.data, test, ["threshold", "boosted", "l2w", "fixed-ims", "diffbranch"],
+    points = run_baselines(session.data, session.test, ["threshold", "boosted", "l2w", "fixed-ims", "diffbranch"],
                            settings, lambdas=[0.01, 0.1, 1.0])
     for method, param, v2, test_out, extra in points:                     # MethodPoint named tuples
         metrics = evaluate(v2, test_out, session.costs)                   # {"v2": {...}, "test": {...}}, as JEI-DNN
@@ -51,8 +50,8 @@ from heads.thresholds import (
     DEFAULT_P_GRID, budget_fractions, budget_sweep, fit_thresholds, max_softmax, threshold_sweep,
 )
 from heads.train import (
-    SplitTensors, StackedAdam, TrainData, TrainSettings, WarmState, shuffled_batches, copy_trials, seed_streams,
-    exit_cross_entropy, exited_metrics, train_stack, warmup,
+    Split, StackedAdam, TrainData, TrainSettings, WarmState, copy_trials, seed_streams, exit_cross_entropy,
+    exited_metrics, split_outputs, train_stack, warmup,
 )
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")
@@ -113,9 +112,9 @@ def _warm_ims(data: TrainData, warm: WarmState, settings: TrainSettings, epochs:
 
 
 @torch.no_grad()
-def split_logits(heads: StackedHeads, split: SplitTensors) -> torch.Tensor:
+def split_logits(heads: StackedHeads, split: Split) -> torch.Tensor:
     """(T, N, L, K) IM logits of every trial on a whole split (no gates: baselines train IMs only)."""
-    return heads.outputs(split.features, split.logits, gates=False)[0]
+    return split_outputs(heads, split, gates=False)[0]
 
 
 class OneTrialAdam:
@@ -146,8 +145,8 @@ def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score:
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[1])
     best, best_score, stale = heads.select(0), math.inf, 0
     for epoch in range(settings.max_epochs):
-        for idx in shuffled_batches(len(data.train), settings.batch_size, gen, settings.device):
-            step(heads, update, *data.train.rows(idx))
+        for batch in data.train.epoch(settings.batch_size, gen, settings.device, stacked=False):
+            step(heads, update, *batch)
         score = float(v2_score(heads))
         if score < best_score:
             best, best_score, stale = heads.select(0), score, 0
@@ -371,8 +370,8 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     active = torch.ones(n_trials, dtype=torch.bool, device=device)
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[2])
     for epoch in range(settings.max_epochs - settings.warmup_epochs):
-        for idx in shuffled_batches(len(data.train), settings.batch_size, gen, device):
-            loss = diffbranch_loss(heads, *data.train.rows(idx), lam, ic_norm)
+        for batch in data.train.epoch(settings.batch_size, gen, device, stacked=False):
+            loss = diffbranch_loss(heads, *batch, lam, ic_norm)
             adam.step(torch.autograd.grad(loss, params), active)
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
         improved = active & (objective < best_obj)
@@ -416,12 +415,12 @@ def threshold_point(method: str, p: float, logits: dict, labels: dict, exits: di
                        ExitOutputs(logits["test"], exits["test"], labels["test"]), info)
 
 
-def gated_points(method: str, heads: StackedHeads, lambdas, v2: SplitTensors, test: SplitTensors,
+def gated_points(method: str, heads: StackedHeads, lambdas, v2: Split, test: Split,
                  extra: dict) -> list[MethodPoint]:
     """One MethodPoint per trial of a learned-gate model: deterministic exits, P(E^l|x) > 0.5 (section 5)."""
     outs = {}
     for name, split in (("v2", v2), ("test", test)):
-        logits, g = heads.outputs(split.features, split.logits)
+        logits, g = split_outputs(heads, split)
         outs[name] = (_numpy(logits), exit_decision(exit_distribution(g)).cpu().numpy(), split.labels.cpu().numpy())
     return [MethodPoint(method, float(lam),
                         *(ExitOutputs(outs[s][0][t], outs[s][1][t], outs[s][2]) for s in ("v2", "test")),
@@ -429,12 +428,12 @@ def gated_points(method: str, heads: StackedHeads, lambdas, v2: SplitTensors, te
             for t, lam in enumerate(lambdas)]
 
 
-def run_baselines(data: TrainData, test: SplitTensors, methods, settings: TrainSettings,
+def run_baselines(data: TrainData, test: Split, methods, settings: TrainSettings,
                   baseline_settings: BaselineSettings = BaselineSettings(), lambdas=(), warm: WarmState | None = None,
                   log: Callable[[str], None] | None = None) -> list[MethodPoint]:
     """Train and gate every requested method (names in METHODS) from the cache; return their operating points.
 
-    test: the test split as SplitTensors (same exits and frozen-logit convention as data). lambdas: the cost
+    test: the test split, resident or streamed (same exits and frozen-logit convention as data). lambdas: the cost
     weights of the learned-gate methods (fixed-ims, diffbranch), normally the JEI-DNN sweep's. warm: a WarmState
     from heads.train.warmup with settings' (lr, weight_decay) to re-use (the sweep's); one is trained here when
     absent or too short (threshold needs max_epochs warm-up epochs, the others warmup_epochs).
@@ -445,7 +444,7 @@ def run_baselines(data: TrainData, test: SplitTensors, methods, settings: TrainS
         raise ValueError(f"unknown baseline method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if any(m in LAMBDA_METHODS for m in methods) and not len(lambdas):
         raise ValueError(f"{' and '.join(m for m in methods if m in LAMBDA_METHODS)} need lambdas")
-    if len(test.features) != len(data.exit_dims) or (test.logits is None) != data.trains_last:
+    if len(test.exit_dims) != len(data.exit_dims) or test.has_logits == data.trains_last:
         raise ValueError("the test split does not match the training data (number of exits or frozen last logits)")
     say = log or (lambda _msg: None)
     bs = baseline_settings

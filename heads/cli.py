@@ -17,6 +17,7 @@ import click
 
 MAX_LAMBDAS = 10_000        # lambdas x grid values of one run: beyond this a typo, not a sweep
 MAX_EPOCHS = 100_000
+MAX_BUDGET_GB = 1e6          # --memory-budget: beyond this a typo (or inf), not a machine
 MIN_VAL_ROWS, MIN_TEST_ROWS = 20, 10   # V2 (half of val) and test feed bootstraps over 10 partitions
 
 
@@ -76,6 +77,20 @@ RUN_OPTIONS = (
     click.option("--overwrite", is_flag=True, help="Replace a run of other settings at --out."),
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
 )
+def _budget(ctx, param, value):
+    if value is not None and not 0 < value <= MAX_BUDGET_GB:
+        raise click.BadParameter(f"{value:g}: expected GB in (0, {MAX_BUDGET_GB:g}]", ctx, param)
+    return value
+
+
+MEMORY_OPTIONS = (
+    click.option("--memory-budget", type=FINITE, default=None, metavar="GB", callback=_budget,
+                 help="GiB stage two may hold: splits that do not fit stream from the store (default: 80% of the "
+                      "memory available at start)."),
+    click.option("--stream/--resident", "stream", default=None,
+                 help="Stream every split from the store / hold every split in memory (default: resident when "
+                      "the splits fit --memory-budget, streamed otherwise)."),
+)
 TRAIN_FIELDS = ("lr", "weight_decay", "batch_size", "max_epochs", "warmup_epochs", "warmup_patience", "bi_switch",
                 "patience", "targets", "full_gradient", "im_loss", "gate_weight_cap", "seed", "device")
 
@@ -122,6 +137,13 @@ def _train_settings(kwargs: dict, cache_path):
         return TrainSettings(**given)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+
+
+def _memory(kwargs: dict):
+    """MemorySettings from --memory-budget and --stream/--resident (removed from kwargs)."""
+    from heads.stream import MemorySettings
+    stream = kwargs.pop("stream")
+    return MemorySettings({None: "auto", True: "stream", False: "resident"}[stream], kwargs.pop("memory_budget"))
 
 
 def _check_device(name: str):
@@ -183,13 +205,26 @@ THRESHOLD_OPTION = click.option(
 
 def _run(work):
     """Runs a stage-two job; bad input and run-directory conflicts become one-line errors."""
+    from torchrun import OtherRankFailed
     try:
         return work()
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    except OtherRankFailed:   # torchrun: the rank that failed printed why
+        raise SystemExit(1) from None
+
+
+def _one_process(command: str):
+    """fit and compare do not split their work across torchrun ranks: say so instead of running N copies."""
+    import torchrun
+    if torchrun.launched():
+        raise click.UsageError(f"{command} runs in one process; under torchrun only extract, sweep and train share "
+                               "their work across ranks: run `python pipeline.py " + command + " ...`")
 
 
 def _summarise(result):
+    if result is None:        # a torchrun rank other than 0: rank 0 writes and prints the run
+        return
     from heads.report import results_table
     click.echo(results_table(result.rows))
     for line in result.warnings:
@@ -201,16 +236,19 @@ def _summarise(result):
 @click.option("--lam", type=FINITE, required=True, help="Cost weight lambda (> 0).")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train one JEI-DNN model (IMs + gates) from a feature cache, evaluate it, write a run directory."""
     if not lam > 0:
         raise click.BadParameter(f"{lam} must be > 0", param_hint="--lam")
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     from heads.sweep import SweepSettings, run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
-                                    command="train", overwrite=overwrite, progress=progress, log=click.echo))
+                                    command="train", overwrite=overwrite, progress=progress, log=click.echo,
+                                    memory=memory))
     _summarise(result)
 
 
@@ -222,6 +260,7 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
               "warmup_epochs=1:5 (integer range), weight_decay=1e-5:1e-3:3 (N log-spaced points).")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train every lambda (x every grid combination) in one stacked pass, select per lambda on V2, record all."""
@@ -231,13 +270,14 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     try:
         check_grid(settings, items)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(lambdas, items, thresholds), settings,
-                                    out, overwrite=overwrite, progress=progress, log=click.echo))
+                                    out, overwrite=overwrite, progress=progress, log=click.echo, memory=memory))
     _summarise(result)
 
 
@@ -248,19 +288,22 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
               help="The sweep whose models are moved to the target: auto, auto:N, A:B, A:B:N, a,b,c, or one value.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """The most accurate model on V2 that spends --target-cost: the lambda sweep, each selected model's gates given
     per-exit thresholds fitted on V1 to that budget."""
+    _one_process("fit")
     from heads.fit import FitSettings, fit_target_cost
     try:
         fit = FitSettings(target_cost, lambdas, thresholds)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--target-cost") from None
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
-                                          progress=progress, log=click.echo))
+                                          progress=progress, log=click.echo, memory=memory))
     _summarise(result)
     chosen = {r["split"]: r for r in result.rows if r["method"] == "jei-budget" and r["selected"]}
     test, v2 = chosen["test"], chosen["v2"]
@@ -301,18 +344,21 @@ def _matched(rows, run, split):
                    "one value.")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
+@_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
 def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
+    _one_process("compare")
     from heads.compare import CompareSettings, run_compare
     cache_path = _cache(cache_path)
+    memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     try:
         compare = CompareSettings(lambdas, methods, thresholds)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
-                                      progress=progress, log=click.echo))
+                                      progress=progress, log=click.echo, memory=memory))
     _summarise(result)
     _matched(result.rows, result.path, "test")
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from heads import rundir
@@ -51,7 +50,8 @@ from heads.sweep import (
     expand_trials, lambda_identity, lambda_values, reference_group, resolve_lambdas, select_per_lambda, train_groups,
 )
 from heads.thresholds import budget_sweep
-from heads.train import SplitTensors, TrainSettings
+from heads.stream import MemoryPlan, MemorySettings, plan_memory
+from heads.train import TrainSettings
 
 BUDGET_METHOD = "jei-budget"
 COMPARE_METHODS = ("jei", BUDGET_METHOD, *METHODS)
@@ -90,11 +90,12 @@ def parse_methods(text: str) -> tuple[str, ...]:
 class CompareRun(Run):
     """A sweep run directory whose settings.json also lists the requested methods (kept out of the hash)."""
 
-    def __init__(self, out, cache, settings: TrainSettings, compare: CompareSettings, overwrite: bool):
+    def __init__(self, out, cache, settings: TrainSettings, compare: CompareSettings, overwrite: bool,
+                 plan: MemoryPlan | None = None):
         self.methods = list(compare.methods)
         identity = {"lambdas": lambda_identity(compare.lambdas), "thresholds": list(compare.thresholds), "grid": {},
                     "baselines": dataclasses.asdict(compare.baselines)}
-        super().__init__(out, cache, "compare", settings, identity, overwrite)
+        super().__init__(out, cache, "compare", settings, identity, overwrite, plan)
 
     def write_status(self, status: str, **extra) -> dict:
         return super().write_status(status, methods=self.methods, **extra)
@@ -213,8 +214,7 @@ def _jei_as_fixed_ims(session: Session, groups: list[dict], compare: CompareSett
 
 def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
                    groups: list[dict], reuse: bool, log) -> list[dict]:
-    test = SplitTensors(session.test_features, torch.as_tensor(session.test_labels, device=settings.device),
-                        session.test_logits)
+    test = session.test
     rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
     methods = [m for m in compare.methods if m in METHODS]
     for method in tqdm(methods, desc="baselines", unit="method", leave=False, disable=not session.progress):
@@ -240,13 +240,14 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
 
 
 def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, out, overwrite: bool = False,
-                progress: bool = True, log=print) -> RunResult:
+                progress: bool = True, log=print, memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train, evaluate and record every requested method (module docstring); returns the run's rows."""
     from cache.store import open_cache
 
     with open_cache(cache_path) as cache:
-        run = CompareRun(out, cache, settings, compare, overwrite)
-        session = Session(cache, settings, progress)
+        plan = plan_memory(cache, memory)
+        run = CompareRun(out, cache, settings, compare, overwrite, plan)
+        session = Session(cache, settings, progress, plan)
         saved = [t["lam"] for g in (run.saved or {}).get("groups", []) for t in g["trials"]]
         if saved:                                                 # the lambdas those heads were trained for
             run.lambdas = sorted(set(saved))

@@ -264,8 +264,7 @@ class StackEngine:
     # ---- whole splits ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def _chunks(self, split, gates: bool = True):
-        for lo in range(0, len(split), self.eval_rows):
-            feats, labels, last = split.batch(slice(lo, lo + self.eval_rows))
+        for feats, labels, last in split.chunks(self.eval_rows):
             yield self.forward(feats, last, labels, pred=True, gates=gates), labels
 
     @torch.no_grad()

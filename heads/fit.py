@@ -28,6 +28,7 @@ from heads.sweep import (
     lambda_values, select_per_lambda, trained_groups,
 )
 from heads.thresholds import budget_for_cost, exit_by_thresholds, shared_threshold_for_cost
+from heads.stream import MemorySettings, plan_memory
 from heads.train import TrainSettings
 
 
@@ -74,20 +75,21 @@ def _shared_point(model, threshold: float) -> MethodPoint:
 
 
 def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,
-                    progress: bool = True, log=print) -> RunResult:
+                    progress: bool = True, log=print, memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train the sweep, move each selected model to the target cost, keep the most accurate on V2 (module doc)."""
     from cache.store import open_cache
 
     with open_cache(cache_path) as cache:
         identity = {"fit": {"target_cost": fit.target_cost, "lambdas": lambda_identity(fit.lambdas),
                             "thresholds": list(fit.thresholds)}}
-        run = Run(out, cache, "fit", settings, identity, overwrite)
-        session = Session(cache, settings, progress)
+        plan = plan_memory(cache, memory)
+        run = Run(out, cache, "fit", settings, identity, overwrite, plan)
+        session = Session(cache, settings, progress, plan)
         first = session.costs[0] / session.costs[-1]
         if not fit.target_cost > first:
             raise ValueError(f"a target cost of {fit.target_cost:g} is not above the first exit's cost {first:.3f}: "
                              "no model can spend less")
-        groups = trained_groups(run, session, settings, fit.lambdas, (), log)
+        groups, _ = trained_groups(run, session, settings, fit.lambdas, (), log)
         run.write_status("evaluating")
         start = time.perf_counter()
         rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]

@@ -21,6 +21,7 @@ from heads.gate_features import gate_features
 
 N_GATE_FEATURES = 4
 COMPUTE = torch.float32   # what the heads compute in; features held as float16 are converted per chunk or batch
+OUTPUT_ROWS = 1024        # rows per block of outputs(): the block boundaries fix the float rounding of a split
 
 
 @dataclass
@@ -111,7 +112,7 @@ class StackedHeads:
 
     @torch.no_grad()
     def outputs(self, features: list[torch.Tensor], last_logits: torch.Tensor | None = None,
-                chunk: int = 1024, gates: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                chunk: int = OUTPUT_ROWS, gates: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A whole split: features per exit (N, D_l) -> (logits (T, N, L, K), g (T, N, L-1); None without gates)."""
         n = features[0].shape[0]
         logits_out, g_out = [], []

@@ -13,6 +13,14 @@ then evaluated on V2 and test (heads.evaluate.evaluate), the trial with the best
 marked `selected`, the selected models also trace gate-threshold curves (method "jei-threshold"), and the warm-up
 IMs give the fixed single-exit reference points (method "single-exit"). Columns: heads/rundir.py.
 
+Memory: heads/stream.py places each split resident or streamed (run_sweep's `memory`; `--memory-budget`,
+`--stream/--resident`); a streamed training split changes the batch order, so the run's identity records it.
+
+Several devices: under torchrun (`torchrun --nproc_per_node=N pipeline.py sweep ...`) every rank loads the cache and
+runs the same warm-up, then trains every N-th trial of each stacked pass and evaluates them; rank 0 alone owns the
+run directory, gathers the heads (merge_groups: the one-process trial order) and the rows, and finishes the run as
+one process would. Equal to a one-process run up to the rounding a stack's width brings (README, Stage two).
+
 Interruption: settings.json is written before training; the heads are saved as soon as training ends; the
 results last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
 skipped, evaluation redone); a run killed during training starts its training again (the warm-up and bi-level
@@ -29,11 +37,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import torchrun
 from heads import rundir
 from heads.evaluate import ExitOutputs, evaluate_many
 from heads.exits import exit_decision, exit_distribution
 from heads.model import StackedHeads
-from heads.train import TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, train_stack, warmup
+from heads.stream import MemoryPlan, MemorySettings, plan_memory
+from heads.train import (TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, open_split, split_outputs,
+                         train_stack, warmup)
 
 LAMBDA_FORMS = ("A:B (20 log-spaced points), A:B:N (N points), a,b,c (a list) or one value, all > 0 and A < B; or "
                 "auto, auto:N (N lambdas chosen after the warm-up)")
@@ -43,6 +54,7 @@ AUTO_LOW_SLACK = 0.01        # the smallest one's targets ask for the cost lambd
 DEFAULT_THRESHOLDS = (0.2, 0.35, 0.65, 0.8)   # gate thresholds besides 0.5 for the selected models' curves
 WARMUP_FIELDS = ("batch_size", "seed", "device", "warmup_patience")   # the TrainSettings fields the warm-up depends on
 REFERENCE_GROUP = "warmup"                         # heads group holding the warm-up IMs (single-exit rows)
+ONE_PROCESS = torchrun.OneProcess()
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------------
@@ -234,15 +246,13 @@ class Session:
     """One cache loaded for stage two: train/V1/V2 tensors, the test split, the per-exit costs, and the warm-ups
     (one per distinct WARMUP_FIELDS values), computed on first use and shared by every later stacked pass."""
 
-    def __init__(self, cache, settings: TrainSettings, progress: bool = True):
-        self.progress = progress
-        self.data = make_train_data(cache, settings.device)
-        test = cache.load_split("test", device=settings.device, dtype=torch.float16)   # as stored; float32 per chunk
-        if len(test.labels) == 0:
+    def __init__(self, cache, settings: TrainSettings, progress: bool = True, plan: MemoryPlan | None = None):
+        self.progress, self.plan = progress, plan
+        self.data = make_train_data(cache, settings.device, plan=plan)
+        self.test = open_split(cache, "test", plan, settings.device)   # float16 as stored; float32 per chunk
+        if len(self.test) == 0:
             raise ValueError(f"{cache.path} has an empty test split")
-        self.test_features = test.features
-        self.test_logits = None if self.data.trains_last else test.logits
-        self.test_labels = test.labels.cpu().numpy()
+        self.test_labels = self.test.labels.cpu().numpy()
         self.costs = np.array([float(e["cumulative_total_macs"]) for e in cache.manifest["exits"]])
         self.warm, self.warm_seconds = {}, 0.0
 
@@ -259,12 +269,9 @@ class Session:
 
     def outputs(self, heads: StackedHeads, split: str):
         """(logits (T, N, L, K) numpy, P(G|x) (T, N, L) cpu tensor, labels (N,) numpy) of "v1", "v2" or "test"."""
-        if split in ("v1", "v2"):
-            part = getattr(self.data, split)
-            feats, last, labels = part.features, part.logits, part.labels.cpu().numpy()
-        else:
-            feats, last, labels = self.test_features, self.test_logits, self.test_labels
-        logits, g = heads.outputs(feats, last)
+        part = self.test if split == "test" else getattr(self.data, split)
+        logits, g = split_outputs(heads, part)
+        labels = self.test_labels if split == "test" else part.labels.cpu().numpy()
         return logits.cpu().numpy(), exit_distribution(g).cpu(), labels
 
 
@@ -277,9 +284,10 @@ def _trial_args(trial: dict) -> dict:
 
 
 def train_groups(session: Session, trials: list[dict], grid: tuple, settings: TrainSettings,
-                 first_group: int = 0) -> list[dict]:
+                 first_group: int = 0, share: tuple[int, int] = (0, 1)) -> list[dict]:
     """Trains every trial. Trials that differ only in stackable keys (heads.train.TRIAL_KEYS) share one stacked
-    pass; returns one heads group per pass: {"group", "settings", "trials", "heads", "seconds"}."""
+    pass; returns one heads group per pass: {"group", "settings", "trials", "heads", "seconds"}. share = (rank,
+    world): only every world-th trial of each pass from the rank-th on (the warm-ups are those of all trials)."""
     fixed_keys = [k for k, _ in grid if k not in TRIAL_KEYS]
     passes = {}
     for trial in trials:
@@ -290,6 +298,9 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
         sharing = [(s, ms) for s, ms in plan if _warm_key(s) == _warm_key(pass_settings)]
         warm = session.warmed(dataclasses.replace(pass_settings, max_epochs=max(s.max_epochs for s, _ in sharing)),
                               [t for _, ms in sharing for t in ms])
+        members = members[share[0]::share[1]]
+        if not members:
+            continue
         budget = max(pass_settings.max_epochs - t.get("warmup_epochs", pass_settings.warmup_epochs) for t in members)
         bar = EpochBar("bilevel", budget, [t["lam"] for t in members], session.progress)
         start = time.perf_counter()
@@ -499,11 +510,13 @@ class Run:
     """One run directory being produced: its identity (what decides the numbers), status in settings.json,
     trained heads saved as soon as they exist, results written last."""
 
-    def __init__(self, out, cache, command: str, settings: TrainSettings, extra: dict, overwrite: bool):
+    def __init__(self, out, cache, command: str, settings: TrainSettings, extra: dict, overwrite: bool,
+                 plan: MemoryPlan | None = None):
         self.cache, self.timings = cache, {}
         self.lambdas = None     # the lambdas trained, once known (`--lambdas auto` resolves them after the warm-up)
+        self.memory = None if plan is None else plan.describe()
         self.identity = {"command": command, "cache_fingerprint": cache.fingerprint,
-                         "train": dataclasses.asdict(settings), **extra}
+                         "train": dataclasses.asdict(settings), **extra, **({} if plan is None else plan.identity())}
         self.digest = rundir.settings_hash(self.identity)
         self.out = Path(out) if out is not None else Path("runs") / f"{command}-{self.digest[:10]}"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -531,6 +544,8 @@ class Run:
                     "timings": self.timings, **extra}
         if self.lambdas is not None:
             settings["lambdas"] = list(self.lambdas)
+        if self.memory is not None:
+            settings["memory"] = self.memory
         rundir.write_settings(self.out, settings)
         return settings
 
@@ -565,45 +580,107 @@ class Run:
         return RunResult(self.out, rows, settings, warnings)
 
 
-def _evaluate_all(session: Session, run: Run, groups: list[dict]) -> list[dict]:
-    start = time.perf_counter()
-    rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
-    run.timings["evaluate_seconds"] = run.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
-    return rows
-
-
-def trained_groups(run: Run, session: Session, settings: TrainSettings, lambdas, grid: tuple, log) -> list[dict]:
+def trained_groups(run: Run | None, session: Session, settings: TrainSettings, lambdas, grid: tuple, log,
+                   ranks=ONE_PROCESS) -> tuple[list[dict], list[dict]]:
     """The run's heads groups (sweep trials + the warm-up reference): the saved ones when the run directory holds
-    heads of these settings, else trained now (auto lambdas resolved after the warm-up) and saved."""
-    if run.saved is not None:
+    heads of these settings, else trained now (auto lambdas resolved after the warm-up) and saved; and the groups
+    this rank trained (under torchrun its share of every pass, merge_groups; run is None on ranks > 0, which get
+    no merged groups)."""
+    if run is not None and run.saved is not None:
         log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
         groups = run.saved_groups(settings.device)
         run.lambdas = sorted({t["lam"] for g in groups for t in g["trials"]})
-        return groups
+        return groups, groups
     start = time.perf_counter()
-    run.lambdas = resolve_lambdas(session, settings, lambdas, grid, log)
-    run.write_status("training")
-    trials = expand_trials(run.lambdas, grid)
-    groups = train_groups(session, trials, grid, settings)
+    chosen = ranks.broadcast(resolve_lambdas(session, settings, lambdas, grid, log if run is not None else _quiet))
+    if run is not None:
+        run.lambdas = chosen
+        run.write_status("training")
+    trials = expand_trials(chosen, grid)
+    mine = train_groups(session, trials, grid, settings, share=(ranks.rank, ranks.world))
+    if ranks.world > 1:
+        parts = ranks.gather([{**g, "heads": g["heads"].state_dict()} for g in mine])
+        groups = merge_groups(parts, settings.device) if run is not None else []
+    else:
+        groups = list(mine)
+    if run is None:
+        return groups, mine
     groups.append(reference_group(session, settings, trials))
     run.timings.update(train_seconds=time.perf_counter() - start, warmup_seconds=session.warm_seconds)
     run.save_groups(groups)
-    return groups
+    return groups, mine
+
+
+def _quiet(*_):
+    pass
+
+
+def merge_groups(parts: list[list[dict]], device) -> list[dict]:
+    """The groups of a one-process run from every rank's share (heads as state dicts): per pass, the trials of all
+    ranks in trial order (as train_groups stacks them in one process), heads likewise."""
+    by_number = {}
+    for part in parts:
+        for g in part:
+            by_number.setdefault(g["group"], []).append(g)
+    merged = []
+    for number in sorted(by_number, key=int):
+        pieces = by_number[number]
+        trials = [t for p in pieces for t in p["trials"]]
+        order = sorted(range(len(trials)), key=lambda i: trials[i]["trial"])
+        state = {k: torch.cat([p["heads"][k] for p in pieces]) for k in pieces[0]["heads"]}
+        merged.append({"group": number, "settings": pieces[0]["settings"], "trials": [trials[i] for i in order],
+                       "heads": StackedHeads.from_state_dict(state, device).select(order),
+                       "seconds": max(p["seconds"] for p in pieces)})
+    return merged
 
 
 def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, command: str = "sweep",
-              overwrite: bool = False, progress: bool = True, log=print) -> RunResult:
+              overwrite: bool = False, progress: bool = True, log=print,
+              memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train, evaluate and record every lambda x grid trial (module docstring)."""
     from cache.store import open_cache
 
     check_grid(settings, sweep.grid)
-    with open_cache(cache_path) as cache:
-        run = Run(out, cache, command, settings, {"lambdas": lambda_identity(sweep.lambdas),
-                                                  "thresholds": list(sweep.thresholds),
-                                                  "grid": {k: list(v) for k, v in sweep.grid}}, overwrite)
-        session = Session(cache, settings, progress)
-        groups = trained_groups(run, session, settings, sweep.lambdas, sweep.grid, log)
-        run.write_status("evaluating")
-        rows = _evaluate_all(session, run, groups)
-        return run.finish(session, groups, rows, select_per_lambda(rows), sweep.thresholds,
-                          warn=len(run.lambdas) > 1)
+    ranks = torchrun.ranks_of_this_job()
+    local = dataclasses.replace(settings, device=ranks.device(settings.device))
+    ranks.start(local.device)
+    try:
+        with open_cache(cache_path) as cache:
+            plan = plan_memory(cache, memory)
+            extra = {"lambdas": lambda_identity(sweep.lambdas), "thresholds": list(sweep.thresholds),
+                     "grid": {k: list(v) for k, v in sweep.grid}}
+            run = _on_rank_0(ranks, lambda: Run(out, cache, command, settings, extra, overwrite, plan))
+            if ranks.broadcast(run is not None and run.saved is not None):   # rank 0 only re-evaluates
+                if ranks.rank:
+                    return None
+                ranks = ONE_PROCESS
+            session = Session(cache, local, progress and ranks.rank == 0, plan)
+            groups, mine = trained_groups(run, session, local, sweep.lambdas, sweep.grid, log, ranks)
+            if run is not None:
+                run.write_status("evaluating")
+            start = time.perf_counter()
+            rows = [row for g in mine if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
+            rows = [row for part in ranks.gather(rows) for row in part]
+            if run is None:
+                return None
+            run.timings["evaluate_seconds"] = run.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start
+            return run.finish(session, groups, rows, select_per_lambda(rows), sweep.thresholds,
+                              warn=len(run.lambdas) > 1)
+    finally:
+        ranks.close()
+
+
+def _on_rank_0(ranks, make):
+    """make() on rank 0 (None on the others); a failure there stops every rank (the others quietly)."""
+    if ranks.rank == 0:
+        try:
+            made = make()
+        except BaseException as err:
+            ranks.broadcast({"error": str(err)})
+            raise
+        ranks.broadcast({})
+        return made
+    failed = ranks.broadcast()
+    if "error" in failed:
+        raise torchrun.OtherRankFailed(failed["error"])
+    return None

@@ -168,14 +168,17 @@ def test_stacked_adam_is_per_parameter_adam_update_bit_for_bit():
 def test_make_train_data_halves_val_and_normalises_costs():
     dims, k = [4, 6], 3
 
-    def load_split(split, device="cpu", dtype=torch.float32):
-        n = {"train": 10, "val": 7}[split]
-        feats = [torch.arange(n * d, dtype=dtype).view(n, d) for d in dims]
-        return SimpleNamespace(features=feats, labels=torch.arange(n) % k, logits=torch.zeros(n, k))
+    rows = {"train": 10, "val": 7}
+
+    def read_rows(split, lo, hi, device="cpu", dtype=torch.float32, out=None):
+        n = rows[split]
+        feats = [torch.arange(n * d, dtype=dtype).view(n, d)[lo:hi] for d in dims]
+        return SimpleNamespace(features=feats, labels=(torch.arange(n) % k)[lo:hi], logits=torch.zeros(hi - lo, k))
 
     manifest = {"num_classes": k, "head_is_task_head": False,
                 "exits": [{"exit": 1, "cumulative_total_macs": 50}, {"exit": 2, "cumulative_total_macs": 200}]}
-    data = make_train_data(SimpleNamespace(manifest=manifest, load_split=load_split))
+    data = make_train_data(SimpleNamespace(manifest=manifest, read_rows=read_rows, num_rows=rows.get, exit_dims=dims,
+                                           layout={"tokens": None}))
     assert (len(data.train), len(data.v1), len(data.v2)) == (10, 3, 4)
     assert data.trains_last and data.v1.logits is None
     assert data.v2.labels.tolist() == [0, 1, 2, 0]

@@ -1,12 +1,14 @@
-"""The ranks of an extraction launched by torchrun (torch.distributed; NCCL between GPUs, gloo on CPUs).
+"""The ranks of a job launched by torchrun (torch.distributed; NCCL between GPUs, gloo on CPUs): extraction
+(extract/run.py) and sweeps (heads/sweep.py) both run under it, so it sits beside them, in neither package.
 
     torchrun --nproc_per_node=4 pipeline.py extract --backbone t2t_vit_14 ... --out cache/c.zarr
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 pipeline.py extract ...
+    torchrun --nproc_per_node=2 pipeline.py sweep --cache cache/c.zarr --lambdas 0.01:10 --out runs/a
 
-No tensor crosses between ranks: they exchange only small Python objects (what is pending, errors), always on a
-gloo group, so the same code runs on CPUs, on GPUs and on several machines. Every rank writes straight into the
-store on the shared file system; cache/store.py says how the ranks share it (rank 0 holds the lock; a journal of
-finished chunks that only rank 0 folds into the store).
+The ranks exchange only Python objects (what is pending, errors; a sweep's trained heads and result rows), always
+on a gloo group, so the same code runs on CPUs, on GPUs and on several machines. An extraction's ranks write
+straight into the store on the shared file system; cache/store.py says how they share it (rank 0 holds the lock; a
+journal of finished chunks that only rank 0 folds into the store). A sweep's rank 0 alone writes the run directory.
 """
 import datetime
 import os
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Rank 0 may verify or convert a whole cache while the others wait (resume of a complete cache, HDF5 conversion):
-# far longer than gloo's default of 30 minutes. A rank that dies does not leave the others waiting this long:
-# torchrun stops every rank of a job when one fails.
+# Rank 0 may verify or convert a whole cache while the others wait (resume of a complete cache, HDF5 conversion),
+# and the ranks of a sweep wait for the slowest one's share: far longer than gloo's default timeout. A rank that
+# dies does not leave the others waiting this long: torchrun stops every rank of a job when one fails.
 TIMEOUT = datetime.timedelta(hours=6)
 
 
@@ -83,3 +85,29 @@ class Ranks:
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class OneProcess:
+    """The one rank of a plain (not torchrun) run, with Ranks' methods, so that code written for ranks runs
+    unchanged in one process."""
+    rank, world = 0, 1
+
+    def device(self, name: str | None) -> str | None:
+        return name
+
+    def start(self, device: str) -> "OneProcess":
+        return self
+
+    def broadcast(self, obj=None):
+        return obj
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def close(self):
+        pass
+
+
+def ranks_of_this_job() -> "Ranks | OneProcess":
+    """Ranks (not yet started) under torchrun, OneProcess otherwise."""
+    return Ranks.from_env() if launched() else OneProcess()
