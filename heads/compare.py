@@ -46,7 +46,7 @@ from heads.evaluate import evaluate_many
 from heads.exits import exit_probabilities
 from heads.matched import MATCHED_COSTS, envelope_at
 from heads.sweep import (
-    DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, SweepSettings, evaluate_group,
+    DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, SweepSettings, evaluate_trials,
     expand_trials, lambda_identity, lambda_values, reference_group, resolve_lambdas, select_per_lambda, train_groups,
 )
 from heads.thresholds import budget_sweep
@@ -261,7 +261,7 @@ def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, o
         baseline_rows = _baseline_rows(session, run, compare, settings, groups, not overwrite, log)
         run.write_status("evaluating")
         start = time.perf_counter()
-        rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
+        rows = evaluate_trials(session, groups, compare.thresholds)
         selected = select_per_lambda(rows)
         if BUDGET_METHOD in compare.methods:
             rows += point_rows(session, budget_points(session, groups, selected, compare.baselines.p_grid), settings)

@@ -366,6 +366,17 @@ def evaluate_group(session: Session, group: dict, thresholds=(0.5,), only=None) 
     return rows
 
 
+def evaluate_trials(session: Session, groups: list[dict], thresholds=()) -> list[dict]:
+    """The first evaluation of a run's trials (every group but the reference): rows at threshold 0.5, and when no
+    lambda has more than one trial here (no grid: each will be selected), the curves at `thresholds` in the same
+    pass, sharing each trial's outputs; Run.finish adds the curves of selected trials that lack them and drops
+    those of trials not selected."""
+    trained = [g for g in groups if g["group"] != REFERENCE_GROUP]
+    lambdas = [t["lam"] for g in trained for t in g["trials"]]
+    curves = tuple(t for t in thresholds if t != 0.5) if len(lambdas) == len(set(lambdas)) else ()
+    return [row for g in trained for row in evaluate_group(session, g, (0.5, *curves))]
+
+
 def single_exit_rows(session: Session, group: dict) -> list[dict]:
     """One row per exit and split: every sample exits there (warm-up IMs; the backbone's head at exit L)."""
     heads = group["heads"]
@@ -562,11 +573,14 @@ class Run:
         """Marks the selected trials, adds their threshold curves and the single-exit references, writes
         results.parquet and the final settings.json."""
         start = time.perf_counter()
+        # curves of the first pass (evaluate_trials) are kept for the selected trials only
+        rows = [r for r in rows if r["method"] != "jei-threshold" or r["trial"] in selected]
         for row in rows:                            # a row may come marked already (fit: its chosen point only)
-            row.setdefault("selected", row["trial"] in selected)
+            row.setdefault("selected", row["method"] != "jei-threshold" and row["trial"] in selected)
+        missing = set(selected) - {r["trial"] for r in rows if r["method"] == "jei-threshold"}
         for group in groups:
-            if group["group"] != REFERENCE_GROUP and thresholds:
-                rows += evaluate_group(session, group, thresholds, only=selected)
+            if group["group"] != REFERENCE_GROUP and thresholds and missing:
+                rows += evaluate_group(session, group, thresholds, only=missing)
         reference = next(g for g in groups if g["group"] == REFERENCE_GROUP)
         rows += single_exit_rows(session, reference)
         for row in rows:
@@ -659,8 +673,7 @@ def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, co
             if run is not None:
                 run.write_status("evaluating")
             start = time.perf_counter()
-            rows = [row for g in mine if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]
-            rows = [row for part in ranks.gather(rows) for row in part]
+            rows = [row for part in ranks.gather(evaluate_trials(session, mine, sweep.thresholds)) for row in part]
             if run is None:
                 return None
             run.timings["evaluate_seconds"] = run.timings.get("evaluate_seconds", 0.0) + time.perf_counter() - start

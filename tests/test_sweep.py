@@ -290,3 +290,26 @@ def test_sweep_by_default_uses_auto_lambdas_and_the_converged_recipe(tiny_cache,
     again = invoke(*args)
     assert again.exit_code == 0 and "re-using the trained heads" in again.output
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["lambdas"] == lambdas
+
+
+@pytest.mark.parametrize("grid", [(), (("lr", (0.01, 0.02)),)])
+def test_curves_in_the_first_pass_give_the_rows_of_a_separate_pass(tiny_cache, tmp_path, monkeypatch, grid):
+    """Without a grid the selected models' threshold curves come from the first evaluation pass; the run's rows
+    are those of evaluating at 0.5 first and the curves of the selected trials after (row order aside). With a
+    grid (not every trial selected) the curves still belong to the selected trials only."""
+    import heads.sweep as sweep
+    settings = sweep.TrainSettings(max_epochs=3, batch_size=32, bi_switch=2, patience=2)
+    job = sweep.SweepSettings((0.1, 1.0, 3.0), grid, (0.3, 0.7))
+    fast = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "a", progress=False)
+    real = sweep.evaluate_group
+    monkeypatch.setattr(sweep, "evaluate_trials", lambda session, groups, thresholds=(): [
+        row for g in groups if g["group"] != sweep.REFERENCE_GROUP for row in real(session, g)])
+    separate = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "b", progress=False)
+
+    def ordered(rows):
+        return sorted(json.loads(numbers(rows)), key=lambda r: json.dumps(r, sort_keys=True))
+    assert ordered(fast.rows) == ordered(separate.rows)
+    curves = {r["trial"] for r in fast.rows if r["method"] == "jei-threshold"}
+    chosen = {r["trial"] for r in fast.rows if r["method"] == "jei" and r["selected"]}
+    assert curves == chosen and len(chosen) == 3
+    assert not any(r["selected"] for r in fast.rows if r["method"] == "jei-threshold")
