@@ -120,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default=None, help="where to build the cache (default: a temporary folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: stage two's, heads.cpu.use_threads: 1 on a CPU)")
+                        help="torch threads (default: stage two's, heads.cpu.use_threads: the free cores)")
     args = parser.parse_args(argv)
     use_threads(args.device, args.threads)
     shape = SMALL if args.small else FULL

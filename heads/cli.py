@@ -67,7 +67,8 @@ TRAIN_OPTIONS = (
                  help="Seed of weights and batch order (default 0)."),
     click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
     click.option("--threads", type=click.IntRange(1, 1024), default=None,
-                 help="torch (and numba) threads of stage two (default on a CPU: 1; README, 'Threads', says why)."),
+                 help="torch (and numba) threads of stage two (default on a CPU: the cores the load average leaves "
+                      "free; README, 'Threads', says why)."),
 )
 RUN_OPTIONS = (
     click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,

@@ -24,6 +24,7 @@ sets flush-to-zero and denormals-are-zero (MXCSR) on the calling thread only, an
 exist keep their own MXCSR; so the bits are also set from inside a parallel numba loop that runs on every pool
 thread. Values below 1.2e-38 become 0: nothing this program computes depends on them.
 """
+import os
 import platform
 
 import numba
@@ -94,13 +95,15 @@ def match_torch_threads() -> None:
 
 
 def use_threads(device: str, threads: int | None = None) -> int:
-    """Stage two's torch (and so numba's) thread count: `threads` when given, else 1 on a CPU device (its products
-    are small enough that a second OpenMP thread buys little, and on a busy machine every parallel region waits
-    for a descheduled thread: README, 'Threads'); a GPU run keeps torch's default unless told. Returns it."""
+    """Stage two's torch (and so numba's) thread count: `threads` when given; on a CPU device otherwise the cores
+    that are free when the command starts (the cores less the 1-minute load average, at least 1, at most torch's
+    own count), since on a busy machine every OpenMP parallel region waits for a descheduled thread (README,
+    'Threads', has both measurements); a GPU run keeps torch's count unless told. Returns the count."""
     if threads is not None:
         torch.set_num_threads(threads)
     elif torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
+        free = (os.cpu_count() or 1) - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 1
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), free)))
     return torch.get_num_threads()
 
 

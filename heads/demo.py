@@ -105,7 +105,7 @@ def demo_cmd(limit, lambdas, overwrite, progress):
     click.echo(f"[2/3] python pipeline.py compare --cache {cache} --methods {','.join(s.methods)} --lambdas {text} "
                f"--out {s.run}{' --overwrite' if overwrite else ''}", err=True)
     settings = default_settings(device="cuda" if torch.cuda.is_available() else "cpu")
-    use_threads(settings.device)          # stage two's default, as the commands' --threads
+    use_threads(settings.device)          # stage two's thread count, as the commands choose it
     try:
         result = run_compare(cache, CompareSettings(lambdas, s.methods), settings, s.run,
                              overwrite=overwrite, progress=progress, log=lambda m: click.echo(m, err=True))

@@ -58,12 +58,19 @@ def test_parallel_kernels_run_torchs_thread_count(torch_threads):
 
 
 
-def test_stage_two_threads_default_to_one_on_cpu_and_follow_the_option():
-    """A CPU run uses one torch thread unless --threads says otherwise; a GPU run keeps torch's count."""
+def test_stage_two_threads_follow_the_free_cores_and_the_option(monkeypatch):
+    """A CPU run uses the cores the load average leaves free (at least one, at most torch's count) unless
+    --threads says otherwise; a GPU run keeps torch's count."""
     before = torch.get_num_threads()
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
     try:
-        torch.set_num_threads(2)
-        assert cpu.use_threads("cpu") == 1 == torch.get_num_threads()
+        for load, want in ((0.1, 2), (0.7, 1), (1.2, 1), (5.0, 1)):
+            torch.set_num_threads(2)
+            monkeypatch.setattr(cpu.os, "getloadavg", lambda: (load, 0.0, 0.0))
+            assert cpu.use_threads("cpu") == want == torch.get_num_threads(), load
+        torch.set_num_threads(1)
+        monkeypatch.setattr(cpu.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert cpu.use_threads("cpu") == 1                      # never more than torch's own count
         assert cpu.use_threads("cpu", 2) == 2 and cpu.use_threads("cuda") == 2 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
