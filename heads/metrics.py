@@ -118,6 +118,11 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
         else:
             lo = beta
         step = beta - grad / hess if hess > 0.0 else math.nan
+        if abs(step - beta) <= 1e-12 * beta:
+            # converged: tested before the bracket, whose end the step may sit on (at grad ~ 0 the bracket's end is
+            # beta itself and a strict test sent the search off bisecting from there)
+            beta = step
+            break
         new = step if lo < step < hi else 0.5 * (lo + hi)  # Newton inside the bracket, else bisect
         if abs(new - beta) <= 1e-12 * beta:
             beta = new

@@ -218,3 +218,20 @@ def test_evaluate_rejects_bad_inputs():
         ExitOutputs(out.logits, np.full(50, 3), out.labels)
     with pytest.raises(ValueError, match="labels"):
         ExitOutputs(out.logits, out.exit_index, out.labels[:10])
+
+
+
+def test_fit_temperature_stops_once_newton_has_converged(monkeypatch):
+    """A fit whose Newton step lands on the root returns there: at grad = 0 the step equals beta, which is also the
+    bracket's lower end, and a strict bracket test used to send it bisecting towards T = 100 and back (on real
+    K = 100 outputs ~18 passes over the logits per fit instead of ~7). A linear derivative with its root at
+    beta = 0.75 makes Newton exact in one step."""
+    import heads.metrics as metrics
+    calls = []
+
+    def linear(z, zy, beta):
+        calls.append(beta)
+        return (beta - 0.75) * 2.0, 2.0
+    monkeypatch.setattr(metrics, "_nll_derivatives", linear)
+    t = fit_temperature(np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
+    assert t == 1.0 / 0.75 and len(calls) <= 4, (t, calls)
