@@ -118,8 +118,8 @@ def split_logits(heads: StackedHeads, split: Split) -> torch.Tensor:
 
 
 class OneTrialAdam:
-    """update(loss) or update.apply(grads): one step of the project's Adam (heads.train.StackedAdam, as JEI-DNN) on
-    params, one trial."""
+    """update.apply(grads): one step of the project's Adam (heads.train.StackedAdam, as JEI-DNN) on params, one
+    trial."""
 
     def __init__(self, params, lr: float, weight_decay: float, device):
         self.params = list(params)
@@ -127,16 +127,13 @@ class OneTrialAdam:
                                 torch.tensor([weight_decay], device=device))
         self.active = torch.ones(1, dtype=torch.bool, device=device)
 
-    def __call__(self, loss):
-        self.apply(torch.autograd.grad(loss, self.params))
-
     def apply(self, grads):
         self.adam.step(grads, self.active)
 
 
 
 def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score: Callable) -> StackedHeads:
-    """Train one IM stack with `step(heads, update, feats, labels, last)` per mini-batch, update(loss) being one
+    """Train one IM stack with `step(heads, update, feats, labels, last)` per mini-batch, update.apply(grads) being one
     optimiser step; keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
     heads = _single_model(data, settings)
     for p in heads.im_params():
@@ -181,9 +178,7 @@ def boosted_grads(heads: StackedHeads, feats, labels, last, gamma: float) -> lis
     sg(F_{s-1})), one trial. With F_{s-1} held fixed the logit gradient at exit s is softmax(F_s) - onehot, the
     closed form _weighted_ce_grads takes (weights 1)."""
     n_boosted = len(heads.im_weight)
-    ens = boosted_ensemble(heads.im_logits(feats, last), gamma, n_boosted)[0]                    # (B, L, K)
-    residual = torch.softmax(ens, -1)
-    residual[torch.arange(len(labels)), :, labels] -= 1.0
+    residual = _ce_residual(boosted_ensemble(heads.im_logits(feats, last), gamma, n_boosted)[0], labels)
     return _weighted_ce_grads(feats, residual, torch.ones(residual.shape[:2], device=residual.device), n_boosted)
 
 
@@ -227,7 +222,8 @@ def l2w_weights(raw: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 def _weighted_loss(ce: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """(1, B, L) per-exit CE, (B, L) weights -> sum over exits of the weighted batch mean (L2W-DEN's loss)."""
+    """(1, B, L) per-exit CE, (B, L) weights -> sum over exits of the weighted batch mean (L2W-DEN's loss). Training
+    takes its gradient in closed form (_weighted_ce_grads); the tests differentiate this to check it."""
     return (weights * ce[0]).mean(0).sum()
 
 
@@ -244,6 +240,14 @@ def _budget_loss(logits: torch.Tensor, labels: torch.Tensor, fractions: torch.Te
 
 
 @torch.no_grad()
+def _ce_residual(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, L, K) logits -> softmax - onehot(labels): every exit's cross-entropy gradient in its logits."""
+    residual = torch.softmax(logits, -1)
+    residual[torch.arange(len(labels)), :, labels] -= 1.0
+    return residual
+
+
+@torch.no_grad()
 def _weighted_ce_grads(feats, residual: torch.Tensor, weights: torch.Tensor, n_trained: int):
     """Gradient of _weighted_loss in the IM parameters, closed form for linear IMs: exit l's logit gradient of
     sample b is weights_bl (softmax_bl - onehot_b) / B. residual: (B, L, K) softmax - onehot; weights: (B, L).
@@ -257,10 +261,7 @@ def l2w_residual(heads: StackedHeads, feats, labels, last) -> tuple[torch.Tensor
     """One trial's (B, L, K) softmax - onehot of every exit and its (B, L) cross-entropy on a batch."""
     with torch.no_grad():
         logits = heads.im_logits(feats, last)[0]
-        ce = exit_cross_entropy(logits[None], labels)[0]
-        residual = torch.softmax(logits, -1)
-        residual[torch.arange(len(labels)), :, labels] -= 1.0
-    return residual, ce
+        return _ce_residual(logits, labels), exit_cross_entropy(logits[None], labels)[0]
 
 
 def l2w_meta_gradient(heads: StackedHeads, wpn: nn.Module, feats, residual, ce, meta_rows, fractions,
