@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # run from anywhere: the packages live at the root
 
-from bench.sweep_speed import write_synthetic_cache  # noqa: E402
+from cache.synthetic import write_synthetic_cache  # noqa: E402
 
 FULL = {"rows": {"train": 50_000, "val": 5_000, "test": 5_000}, "images": 6_000, "lambdas": 4, "budget_gb": 0.25}
 SMALL = {"rows": {"train": 5_000, "val": 1_000, "test": 1_000}, "images": 600, "lambdas": 2, "budget_gb": 0.03}

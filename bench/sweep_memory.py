@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
 
-from bench.sweep_speed import FULL, SMALL, write_synthetic_cache  # noqa: E402
+from bench.sweep_speed import FULL, SMALL  # noqa: E402
+from cache.synthetic import write_synthetic_cache  # noqa: E402
 from cache.store import open_cache  # noqa: E402
 from heads.stream import MemorySettings  # noqa: E402
 from heads.sweep import SweepSettings, parse_lambdas, run_sweep  # noqa: E402

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import heads.compare as compare_module
 import torch
-from bench.sweep_speed import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 from heads import rundir
 from heads.baselines import LAMBDA_METHODS, METHODS
 from heads.cli import COMMANDS

@@ -61,7 +61,7 @@ def test_demo_prints_jei_against_the_threshold_baseline_and_single_exits(tmp_pat
 
     from click.testing import CliRunner
 
-    from bench.sweep_speed import write_synthetic_cache
+    from cache.synthetic import write_synthetic_cache
     from extract import run as extract_run
     from pipeline import cli
     cache = write_synthetic_cache(tmp_path / "tiny.zarr", {"train": 96, "val": 64, "test": 48}, 3, 8, 4,

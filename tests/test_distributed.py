@@ -138,7 +138,7 @@ def test_torchrun_two_ranks_sweep_the_one_process_rows(tmp_path):
     writes the rows of a one-process run. Not bit for bit: a trial's float rounding depends on the width of the
     stack it trains in (the batched products over trials), about 1e-8 in the weights here, which moves
     temperatures and ECE in the eighth digit; accuracy, cost and every count come out equal."""
-    from bench.sweep_speed import write_synthetic_cache
+    from cache.synthetic import write_synthetic_cache
     cache = write_synthetic_cache(tmp_path / "c.zarr", {"train": 300, "val": 90, "test": 70}, 4, 8, 5, chunk_rows=16)
     args = ["sweep", "--cache", str(cache), "--lambdas", "0.001:1:5", "--grid", "bi_switch=5,1000000",
             "--max-epochs", "5", "--warmup-epochs", "2", "--warmup-patience", "0", "--no-progress"]

@@ -13,7 +13,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from bench.sweep_speed import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 from cache.lock import lock_path
 from clierrors import Group
 import procs

@@ -3,7 +3,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from bench.sweep_speed import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 from heads.cli import report_cmd
 from heads.report import curves, decomposition_row, results_table, write_plots
 from heads.rundir import read_results

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench.sweep_speed import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 from cache.store import open_cache
 from heads.stream import ChunkShuffle, MemorySettings, StreamedSplit, plan_memory
 from heads.sweep import Session, evaluate_group, expand_trials, train_groups

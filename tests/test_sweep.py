@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from bench.sweep_speed import write_synthetic_cache
+from cache.synthetic import write_synthetic_cache
 from cache.store import open_cache
 from heads import rundir
 from heads.cli import COMMANDS
