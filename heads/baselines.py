@@ -49,9 +49,11 @@ from heads.model import StackedHeads
 from heads.thresholds import (
     DEFAULT_P_GRID, budget_fractions, budget_sweep, fit_thresholds, max_softmax, threshold_sweep,
 )
+from heads.adam import StackedAdam
+from heads.kernels import exit_cross_entropy
 from heads.train import (
-    Split, StackedAdam, TrainData, TrainSettings, WarmState, copy_trials, seed_streams, exit_cross_entropy,
-    exited_metrics, split_outputs, train_stack, warmup,
+    Split, TrainData, TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, split_outputs, train_stack,
+    warmup,
 )
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")

@@ -2,8 +2,12 @@
 flushes denormal floats to zero.
 
     from heads import cpu
-    cpu.configure()             # done on import of heads.gate_features; idempotent
-    cpu.match_torch_threads()   # before a parallel kernel: numba runs as many threads as torch does now
+    cpu.configure()             # where stage two starts (use_threads, StackEngine); idempotent
+    cpu.match_torch_threads()   # before a parallel kernel: configure(), then numba runs torch's thread count
+
+Nothing happens on import: a process that only imports the package (a notebook, a test, another library) keeps
+numba's threading layer and its floating-point flags. Every parallel kernel of the package launches through
+match_torch_threads, so the shared pool is always set up before numba's first launch.
 
 Shared threads: numba's OpenMP layer loads libgomp.so.1, the copy torch already loaded, so both share one thread
 pool. With numba's own pool (workqueue) torch's idle OpenMP threads spin after every torch op while numba's threads
@@ -89,6 +93,7 @@ def flush_denormals() -> bool:
 
 def match_torch_threads() -> None:
     """numba's thread count (for launches from this thread) := torch's, capped at the pool numba started."""
+    configure()
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -99,6 +104,7 @@ def use_threads(device: str, threads: int | None = None) -> int:
     that are free when the command starts (the cores less the 1-minute load average, at least 1, at most torch's
     own count), since on a busy machine every OpenMP parallel region waits for a descheduled thread (README,
     'Threads', has both measurements); a GPU run keeps torch's count unless told. Returns the count."""
+    configure()
     if threads is not None:
         torch.set_num_threads(threads)
     elif torch.device(device).type == "cpu":

@@ -21,11 +21,12 @@ Trials that stop are removed with keep(): the products shrink with the stack.
 from dataclasses import dataclass
 
 import torch
-from torch.optim.adam import adam
 
-from heads.exits import exit_costs, exit_decision, exit_distribution, gate_targets
-from heads.kernels import adam_scales, adam_update, adam_update_torch, softmax_stats, weighted_ce_grad
-from heads.model import N_GATE_FEATURES, StackedHeads
+from heads import cpu
+from heads.adam import StackedAdam
+from heads.exits import classifier_weights, exit_costs, exit_decision, exit_distribution, gate_targets
+from heads.kernels import softmax_stats, weighted_ce_grad
+from heads.model import N_GATE_FEATURES, StackedHeads, gate_pre_activation
 
 EVAL_FLOATS = 1 << 23          # logits per evaluation chunk (32 MiB of float32; two such buffers)
 
@@ -52,17 +53,19 @@ class StackEngine:
 
     def __init__(self, heads: StackedHeads, lr: torch.Tensor, weight_decay: torch.Tensor, batch_size: int,
                  betas=(0.9, 0.999), eps=1e-8):
+        cpu.configure()          # shared threads and flushed denormals before the first step (heads/cpu.py)
         self.heads, self.betas, self.eps = heads, betas, eps
         self.device = heads.gate_weight.device
         self.lr, self.weight_decay = lr.to(self.device, torch.float32), weight_decay.to(self.device, torch.float32)
         self.batch_size = batch_size
         self.flat = self._flatten(heads.im_weight, heads.im_bias)
-        self.m, self.v = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
         self.grad = torch.empty_like(self.flat)
-        self.im_steps = self.gate_steps = 0
-        self._fused = True
-        self.gate_m = [torch.zeros_like(heads.gate_weight), torch.zeros_like(heads.gate_bias)]
-        self.gate_v = [torch.zeros_like(heads.gate_weight), torch.zeros_like(heads.gate_bias)]
+        # the IMs: one (rows, T, K) buffer, torch's fused Adam when the trials share lr and weight decay; the gates:
+        # their two tensors, trials on the first axis
+        self.im_adam = StackedAdam([self._trial_view(self.flat)], [1], self.lr, self.weight_decay, betas, eps,
+                                   backend="fused")
+        self.gate_adam = StackedAdam([heads.gate_weight, heads.gate_bias], [0, 0], self.lr, self.weight_decay,
+                                     betas, eps)
         self._bind()
 
     # ---- layout ---------------------------------------------------------------------------------------------
@@ -77,6 +80,10 @@ class StackEngine:
     def _flatten(self, weights, biases) -> torch.Tensor:
         return torch.cat([w.detach().reshape(-1) for w in weights] + [b.detach().reshape(-1) for b in biases]) \
             .to(self.device, torch.float32).contiguous()
+
+    def _trial_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """A flat buffer as (rows, T, K): every weight row and bias of every exit, trials on axis 1."""
+        return flat.view(-1, self.n_trials, self.heads.num_classes)
 
     def _views(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(weights (D_l, T, K), biases (T, K)) as views of a flat buffer."""
@@ -94,8 +101,6 @@ class StackEngine:
         """Point heads' IM tensors at the flat buffer; size the per-batch buffers for the current stack."""
         self.heads.im_weight, self.heads.im_bias = self._views(self.flat)
         self.uniform = len(set(self.heads.exit_dims)) == 1
-        lrs, wds = set(self.lr.tolist()), set(self.weight_decay.tolist())
-        self._shared_hyper = (lrs.pop(), wds.pop()) if len(lrs) == len(wds) == 1 else None   # (lr, wd) of all
         self.grad_weight, self.grad_bias = self._views(self.grad)
         t, k, n_exits = self.n_trials, self.heads.num_classes, self.heads.n_exits
         self.eval_rows = max(self.batch_size, EVAL_FLOATS // (n_exits * t * k))
@@ -109,21 +114,15 @@ class StackEngine:
     def keep(self, trials: torch.Tensor) -> None:
         """Keep only the given trials (indices into the current stack), with their Adam state."""
         idx = trials.to(self.device, torch.int64)
-
-        def select(flat):
-            weights, biases = self._views(flat)
-            return torch.cat([w.index_select(1, idx).reshape(-1) for w in weights] +
-                             [b.index_select(0, idx).reshape(-1) for b in biases])
-
-        self.flat, self.m, self.v = select(self.flat), select(self.m), select(self.v)
+        self.flat = self._trial_view(self.flat).index_select(1, idx).reshape(-1)
         self.grad = torch.empty_like(self.flat)
         h = self.heads
         h.gate_weight, h.gate_bias = h.gate_weight.detach()[idx].clone(), h.gate_bias.detach()[idx].clone()
         h.epochs_trained = h.epochs_trained[idx.cpu()].clone()
-        self.gate_m = [s[idx].clone() for s in self.gate_m]
-        self.gate_v = [s[idx].clone() for s in self.gate_v]
         self.lr, self.weight_decay = self.lr[idx], self.weight_decay[idx]
         self._bind()
+        self.im_adam.keep(idx, [self._trial_view(self.flat)])
+        self.gate_adam.keep(idx, [h.gate_weight, h.gate_bias])
 
     # ---- forward --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -160,10 +159,10 @@ class StackEngine:
         softmax_stats(z, p, labels, feats, ce, argmax)
         return StepOutputs(p, feats, ce, argmax, x)
 
-    def gate_pre_activation(self, feats: torch.Tensor) -> torch.Tensor:
-        """(T, B, L-1, 4) statistics -> (T, B, L-1) gate pre-activations."""
+    def gate_probs(self, feats: torch.Tensor) -> torch.Tensor:
+        """(T, B, L-1, 4) statistics -> (T, B, L-1) gate probabilities g^l."""
         w, b = self.heads.gate_weight.detach(), self.heads.gate_bias.detach()
-        return (feats * w[:, None]).sum(-1) + b[:, None]
+        return torch.sigmoid(gate_pre_activation(feats, w[:, None], b[:, None]))
 
     # ---- steps ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,7 +171,7 @@ class StackEngine:
         """Gradient (gate_weight, gate_bias) of the GATE loss (eq. 16): per trial, the sum over gates of the batch
         mean BCE against the surrogate targets of the trial's costs, positives weighted by pos_weight (T, L-1)."""
         targets = gate_targets(exit_costs(out.ce, lam, ic_norm), rule)     # (T, B, L-1)
-        s = torch.sigmoid(self.gate_pre_activation(out.feats))
+        s = self.gate_probs(out.feats)
         wt = pos_weight[:, None, :] * targets
         dz = (s * (wt + 1 - targets) - wt) / targets.shape[1]
         return torch.einsum("tbg,tbgf->tgf", dz, out.feats), dz.sum(1)
@@ -181,22 +180,13 @@ class StackEngine:
     def gate_step(self, out: StepOutputs, lam: torch.Tensor, ic_norm: torch.Tensor, rule: str,
                   pos_weight: torch.Tensor) -> None:
         """GATE state: one Adam step of the gates on gate_gradient."""
-        grads = self.gate_gradient(out, lam, ic_norm, rule, pos_weight)
-        self.gate_steps += 1
-        lr_scale, eps_scale = adam_scales(self.gate_steps, *self.betas)
-        for p, g, m, v in zip((self.heads.gate_weight, self.heads.gate_bias), grads, self.gate_m, self.gate_v):
-            shape = (-1,) + (1,) * (p.dim() - 1)                                   # trials on the first axis
-            adam_update_torch(p, g, m, v, (self.lr * lr_scale).view(shape), self.weight_decay.view(shape),
-                              *self.betas, self.eps * eps_scale)
+        self.gate_adam.step(self.gate_gradient(out, lam, ic_norm, rule, pos_weight))
 
     @torch.no_grad()
     def classifier_coef(self, out: StepOutputs, im_loss: str = "weighted") -> torch.Tensor:
         """(T, B, L) weights of the CLASSIFIER loss per sample and exit, divided by the batch size: P(G=l|x) from
         the current gates (eq. 30) or 1 (uniform)."""
-        t, b, n_exits = out.ce.shape
-        if im_loss == "uniform":
-            return torch.full((t, b, n_exits), 1.0 / b, device=self.device)
-        return exit_distribution(torch.sigmoid(self.gate_pre_activation(out.feats))) / b
+        return classifier_weights(self.gate_probs(out.feats), im_loss) / out.ce.shape[1]
 
     @torch.no_grad()
     def im_gradient(self, out: StepOutputs, features: list[torch.Tensor], labels: torch.Tensor,
@@ -240,26 +230,7 @@ class StackEngine:
             self._adam_ims()
 
     def _adam_ims(self) -> None:
-        self.im_steps += 1
-        b1, b2 = self.betas
-        if self._fused and self._shared_hyper is not None:
-            # one lr and weight decay for the whole stack (a plain lambda sweep): torch's fused Adam, measured ~20 %
-            # faster than the per-column kernel on 2 CPU cores; the same update (tests/test_engine.py)
-            try:
-                step = torch.tensor(float(self.im_steps - 1), device=self.device)    # the op adds 1
-                adam([self.flat], [self.grad], [self.m], [self.v], [], [step], foreach=False, fused=True,
-                     amsgrad=False, beta1=b1, beta2=b2, lr=self._shared_hyper[0], weight_decay=self._shared_hyper[1],
-                     eps=self.eps, maximize=False)
-                return
-            except (RuntimeError, TypeError):     # a torch without a fused Adam for this device
-                self._fused = False
-        lr_scale, eps_scale = adam_scales(self.im_steps, b1, b2)
-        k = self.heads.num_classes
-        lr_col = (self.lr * lr_scale)[:, None].expand(-1, k).reshape(-1).contiguous()
-        wd_col = self.weight_decay[:, None].expand(-1, k).reshape(-1).contiguous()
-        cols = lr_col.numel()
-        adam_update(self.flat.view(-1, cols), self.grad.view(-1, cols), self.m.view(-1, cols),
-                    self.v.view(-1, cols), lr_col, wd_col, b1, b2, self.eps * eps_scale)
+        self.im_adam.step([self._trial_view(self.grad)])
 
     # ---- whole splits ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,7 +244,7 @@ class StackEngine:
         each sample takes (first P(E^l|x) > 0.5)."""
         sums = {"accuracy": 0.0, "cost": 0.0, "objective": 0.0}
         for out, labels in self._chunks(split):
-            taken = exit_decision(exit_distribution(torch.sigmoid(self.gate_pre_activation(out.feats))))[..., None]
+            taken = exit_decision(exit_distribution(self.gate_probs(out.feats)))[..., None]
             cost = ic_norm[taken.squeeze(-1)]
             ce = out.ce.gather(2, taken).squeeze(-1)
             sums["accuracy"] = sums["accuracy"] + (out.pred.gather(2, taken).squeeze(-1) == labels).sum(1).double()

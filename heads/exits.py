@@ -5,6 +5,8 @@
     leaving = ExitRule(n, 0.5).step(g_l)       # the same decision one exit at a time (the runtime), see ExitRule
     costs = exit_costs(ce, lam, ic_norm)       # C^l = CE + lam IC_norm^l per trial, sample and exit
     t = gate_targets(costs, rule="subsequent") # binary targets of gates 1..L-1 from per-exit costs C^l
+    w = classifier_weights(g, "weighted")      # eq. 30's weight of each exit's CE: P(G = l | x)
+    w = warmup_exit_weights(L, trains_last)    # eq. 17's: L - l
 
 All three work on any leading batch shape (trials, samples, ...); the exit axis is the last one.
 """
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 TARGET_RULES = ("subsequent", "ifmin")
+IM_LOSSES = ("weighted", "uniform")
 
 
 def exit_distribution(g: torch.Tensor) -> torch.Tensor:
@@ -27,6 +30,26 @@ def exit_distribution(g: torch.Tensor) -> torch.Tensor:
     mass_before = torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
     # eqs. 7-8: P(G=1) = g^1, P(G=l) = min(g^l, 1 - sum_{j<l} g^j)
     return torch.minimum(g_full, 1.0 - mass_before).clamp_min(0.0)
+
+
+def classifier_weights(g: torch.Tensor, im_loss: str = "weighted") -> torch.Tensor:
+    """Eq. 30: the weight of exit l's cross-entropy in the CLASSIFIER loss, per sample, from the gate outputs g
+    (..., L-1): P(G = l | x) ("weighted"), or 1 at every exit ("uniform": plain CE, what the authors' public code
+    computes in effect, its per-exit normalisation cancelling the weights). The caller detaches g (eq. 30) or
+    not (eq. 29)."""
+    if im_loss not in IM_LOSSES:
+        raise ValueError(f"unknown im_loss {im_loss!r}; choose one of {', '.join(IM_LOSSES)}")
+    if im_loss == "uniform":
+        return torch.ones((*g.shape[:-1], g.shape[-1] + 1), dtype=g.dtype, device=g.device)
+    return exit_distribution(g)
+
+
+def warmup_exit_weights(n_exits: int, trains_last: bool, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Eq. 17: the weight L - l of IM l's cross-entropy in the warm-up loss, l = 1..L. The last exit's is 0 when it
+    is the backbone's frozen head; a trained last head gets 1 (eq. 17 would give it 0 and leave it untrained)."""
+    weight = torch.arange(n_exits, 0, -1, dtype=dtype, device=device) - 1.0
+    weight[-1] = 1.0 if trains_last else 0.0
+    return weight
 
 
 def exit_probabilities(p_g: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,6 @@ import torch
 
 from heads import cpu
 
-cpu.configure()   # numba on torch's OpenMP threads, denormals flushed: before the first parallel launch
-
 FEATURE_NAMES = ("max_prob", "entropy", "entropy_pow", "margin")
 PARALLEL_ELEMENTS = 1 << 20   # probabilities from which a parallel launch can pay for itself (bench/README.md)
 

@@ -3,7 +3,7 @@ reference the numba versions are tested against):
 
     softmax_stats(z, p, labels, feats, ce, pred)    # z, p: (L, B, T, K) logits and their softmax
     weighted_ce_grad(p, labels, coef)               # p <- coef * (p - onehot(y)), in place
-    adam_update(p, g, m, v, lr_col, wd_col, b1, b2, eps)
+    exit_cross_entropy(logits, labels)              # the same cross-entropy in torch (autograd, any device)
 
 Why numba and not torch on CPU: one training step of a 20-trial stack touches (L, B, T, K) = 14 x 64 x 20 x 100
 logits. torch needs a softmax, a logsumexp, a top-k, two entropies and their temporaries, each a full pass; one
@@ -15,19 +15,15 @@ supplies the exponentials; numba without SVML computes exp element by element, ~
     entropy of q = p^2 / S2 (S2 = sum_k p_k^2) = log S2 - 2 sum_k p_k^2 (z_k - m) / S2 - 2 log p_max
     CE(y) = m - z_y - log p_max
 
-The statistics are heads.gate_features' (same order, same conventions). The Adam kernel is torch.optim.Adam's
-update with coupled L2 weight decay in one read and one write of each buffer instead of ~10 passes of torch ops;
-the columns of the (R, C) buffers are the (trial, class) columns of the stacked weights, so a per-trial learning
-rate and weight decay are per-column arrays.
+The statistics are heads.gate_features' (same order, same conventions). The optimiser's kernel lives with the
+optimiser (heads/adam.py).
 """
-import math
-
 import numba
 import numpy as np
 import torch
 
 from heads import cpu
-from heads.gate_features import gate_features_torch  # also puts numba on torch's OpenMP threads
+from heads.gate_features import gate_features_torch
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -98,10 +94,16 @@ def softmax_stats_torch(z, p, labels, feats, ce, pred=None) -> None:
     n_gated = feats.shape[2]
     zt = z.permute(2, 1, 0, 3)                                           # (T, B, L, K) views
     feats.copy_(gate_features_torch(p.permute(2, 1, 0, 3)[:, :, :n_gated]))
-    picked = zt.gather(-1, labels[None, :, None, None].expand(*zt.shape[:-1], 1)).squeeze(-1)
-    ce.copy_(torch.logsumexp(zt, -1) - picked)
+    ce.copy_(exit_cross_entropy(zt, labels))
     if pred is not None:
         pred.copy_(zt.argmax(-1))
+
+
+def exit_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(..., B, L, K) logits, (B,) labels -> (..., B, L) cross-entropy of every exit (the CE of eqs. 5, 16, 17, 30;
+    the kernel above computes the same for the training step)."""
+    picked = logits.gather(-1, labels[:, None, None].expand(*logits.shape[:-1], 1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - picked
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -133,48 +135,3 @@ def weighted_ce_grad_torch(p, labels, coef) -> None:
     p.mul_(c)
     index = labels[None, :, None, None].expand(p.shape[0], -1, p.shape[2], 1)
     p.scatter_add_(-1, index, -c)
-
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _adam_kernel(p, g, m, v, lr_col, wd_col, b1, b2, eps):
-    n_rows, n_cols = p.shape
-    c1 = 1 - b1
-    c2 = 1 - b2
-    for r in numba.prange(n_rows):
-        for c in range(n_cols):
-            gr = g[r, c] + wd_col[c] * p[r, c]
-            mr = b1 * m[r, c] + c1 * gr
-            vr = b2 * v[r, c] + c2 * gr * gr
-            m[r, c] = mr
-            v[r, c] = vr
-            p[r, c] -= lr_col[c] * mr / (np.sqrt(vr) + eps)
-
-
-def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr_col: torch.Tensor,
-                wd_col: torch.Tensor, b1: float, b2: float, eps: float) -> None:
-    """One Adam step in place on (R, C) float32 buffers whose column c belongs to a trial with step size lr_col[c]
-    and weight decay wd_col[c]: g' = g + wd p; m <- b1 m + (1-b1) g'; v <- b2 v + (1-b2) g'^2;
-    p <- p - lr m / (sqrt(v) + eps). Bias corrections are the caller's: lr = lr0 sqrt(1-b2^t) / (1-b1^t) and
-    eps = eps0 sqrt(1-b2^t) give torch.optim.Adam's m_hat / (sqrt(v_hat) + eps0)."""
-    if p.device.type == "cpu":
-        f32 = np.float32
-        cpu.match_torch_threads()
-        _adam_kernel(p.numpy(), g.numpy(), m.numpy(), v.numpy(), lr_col.numpy(), wd_col.numpy(), f32(b1), f32(b2),
-                     f32(eps))
-        return
-    adam_update_torch(p, g, m, v, lr_col, wd_col, b1, b2, eps)
-
-
-def adam_update_torch(p, g, m, v, lr_col, wd_col, b1, b2, eps) -> None:
-    """adam_update with torch ops; lr_col and wd_col broadcast against p (per column, or per trial on any axis)."""
-    g = g.addcmul(p, wd_col)
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    p.sub_(m.div(v.sqrt().add_(eps)).mul_(lr_col))
-
-
-def adam_scales(step: int, b1: float, b2: float) -> tuple[float, float]:
-    """(lr factor, eps factor) that fold Adam's bias corrections at `step` (1-based) into adam_update's lr and eps:
-    lr0 sqrt(1-b2^t) / (1-b1^t) and eps0 sqrt(1-b2^t) give torch.optim.Adam's m_hat / (sqrt(v_hat) + eps0)."""
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-    return math.sqrt(bc2) / bc1, math.sqrt(bc2)

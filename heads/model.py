@@ -24,6 +24,14 @@ COMPUTE = torch.float32   # what the heads compute in; features held as float16 
 OUTPUT_ROWS = 1024        # rows per block of outputs(): the block boundaries fix the float rounding of a split
 
 
+def gate_pre_activation(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A gate's pre-activation a = w . s + b on the four statistics s of its IM's softmax (eq. 11's g^l = sigmoid(a);
+    appendix 9.9): feats (..., 4), weight (..., 4) and bias (...) broadcast against each other. Training, the
+    engine and the runtime all call this one, so the four products are added in one order everywhere (the
+    runtime's numba row kernel adds them in this order too)."""
+    return (feats * weight).sum(-1) + bias
+
+
 @dataclass
 class StackedHeads:
     im_weight: list[torch.Tensor]   # per trained exit: (D_l, T, K)
@@ -108,7 +116,7 @@ class StackedHeads:
         w, b = self.gate_weight, self.gate_bias
         if detach_gates:
             w, b = w.detach(), b.detach()
-        return (feats * w[:, None]).sum(-1) + b[:, None]
+        return gate_pre_activation(feats, w[:, None], b[:, None])
 
     @torch.no_grad()
     def outputs(self, features: list[torch.Tensor], last_logits: torch.Tensor | None = None,

@@ -30,19 +30,22 @@ A compare run also gets (write_compare_plots, given heads/matched.py's matched-c
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")   # files only: no display on the machines this runs on
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from heads.baselines import METHODS
+from heads.metrics import CONFORMAL_METHODS
+from heads.rundir import nearest_lambda
 
-CONFORMAL = ("general", "ims", "strict", "gated")
+CONFORMAL = CONFORMAL_METHODS
 COMPARED_CONFORMAL = "gated"     # the one construction drawn per method when several methods are overlaid
 REFERENCE_METHODS = ("single-exit", "jei-threshold")
-BASELINES = ("threshold", "boosted", "l2w", "diffbranch", "threshold-warmup", "fixed-ims")   # compare's methods
+BASELINES = METHODS              # compare's baselines and ablations
 ABLATION = {"jei": "JEI-DNN (gates and IMs trained jointly)", "fixed-ims": "learnable gates, fixed IMs",
             "threshold-warmup": "threshold gates, warm-up IMs"}            # appendix 9.6, figure 9
 X_LABEL = "Mul-Add / IC$^L$"
+TAB10 = colormaps["tab10"].colors
 
 
 def _split(rows, split):
@@ -63,14 +66,12 @@ def curves(rows: list[dict]) -> dict[str, list[dict]]:
 
 def decomposition_row(rows: list[dict], lam: float | None = None) -> dict:
     """The selected "jei" row nearest to `lam` in log space; by default the middle lambda."""
+    if lam is not None:
+        return nearest_lambda(rows, lam)
     chosen = sorted((r for r in rows if r["method"] == "jei" and r.get("selected")), key=lambda r: r["lam"])
     if not chosen:
         raise ValueError("the run has no selected JEI-DNN model to decompose")
-    if lam is None:
-        return chosen[(len(chosen) - 1) // 2]
-    if lam <= 0:
-        raise ValueError(f"--lam must be > 0, got {lam}")
-    return min(chosen, key=lambda r: abs(math.log(r["lam"]) - math.log(lam)))
+    return chosen[(len(chosen) - 1) // 2]
 
 
 def _xy(points, key):
@@ -78,7 +79,7 @@ def _xy(points, key):
 
 
 def plot_accuracy(rows, path, star=None):
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _subplots(figsize=(6, 4.5))
     others = [r for r in rows if r["method"] == "jei" and not r.get("selected")]
     if others:
         x, y = _xy(others, "accuracy")
@@ -90,7 +91,7 @@ def plot_accuracy(rows, path, star=None):
     for i, points in enumerate(p for p in by_trial.values() if len(p) > 1):
         x, y = _xy(sorted(points, key=lambda r: r["cost_norm"]), "accuracy")
         ax.plot(x, y, color="tab:blue", alpha=0.3, lw=0.8, label="gate threshold != 0.5" if i == 0 else None)
-    for (method, points), color in zip(curves(rows).items(), plt.cm.tab10.colors):
+    for (method, points), color in zip(curves(rows).items(), TAB10):
         x, y = _xy(points, "accuracy")
         low, high = _xy(points, "accuracy_ci_low")[1], _xy(points, "accuracy_ci_high")[1]
         ax.plot(x, y, "o-", ms=3, color=color, label=method, zorder=3)
@@ -109,8 +110,8 @@ def plot_accuracy(rows, path, star=None):
 
 
 def plot_ece(rows, path):
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for (method, points), color in zip(curves(rows).items(), plt.cm.tab10.colors):
+    fig, ax = _subplots(figsize=(6, 4.5))
+    for (method, points), color in zip(curves(rows).items(), TAB10):
         ax.plot(*_xy(points, "ece"), "o-", ms=3, color=color, label=f"{method}: before temperature")
         ax.plot(*_xy(points, "ece_temp"), "o--", ms=3, color=color, label=f"{method}: after temperature")
     singles = sorted((r for r in rows if r["method"] == "single-exit"), key=lambda r: r["cost_norm"])
@@ -122,7 +123,7 @@ def plot_ece(rows, path):
 def _construction_style(method_color, construction, n_methods):
     """One method: a colour per conformal construction; several (one construction each): the method's colour."""
     if n_methods == 1:
-        return {"color": plt.cm.tab10.colors[CONFORMAL.index(construction)], "ls": "-"}
+        return {"color": TAB10[CONFORMAL.index(construction)], "ls": "-"}
     return {"color": method_color, "ls": "-"}
 
 
@@ -131,9 +132,9 @@ def _constructions(n_methods):
 
 
 def plot_inefficiency(rows, path):
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _subplots(figsize=(6, 4.5))
     lines = curves(rows)
-    for (method, points), color in zip(lines.items(), plt.cm.tab10.colors):
+    for (method, points), color in zip(lines.items(), TAB10):
         for c in _constructions(len(lines)):
             key = f"reported_inefficiency_{c}"
             if key in points[0]:
@@ -143,9 +144,9 @@ def plot_inefficiency(rows, path):
 
 
 def plot_alpha(rows, path):
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _subplots(figsize=(5, 5))
     lines, top = curves(rows), 0.0
-    for (method, points), color in zip(lines.items(), plt.cm.tab10.colors):
+    for (method, points), color in zip(lines.items(), TAB10):
         if "conformal_alphas" not in points[0]:
             continue
         alphas = np.array(points[0]["conformal_alphas"], dtype=float)
@@ -160,8 +161,8 @@ def plot_alpha(rows, path):
 
 def plot_ablation(rows, path):
     """Figure 9: accuracy vs cost of the methods of appendix 9.6 present in rows, each with its 95% band."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    colours = dict(zip(curves(rows), plt.cm.tab10.colors))
+    fig, ax = _subplots(figsize=(6, 4.5))
+    colours = dict(zip(curves(rows), TAB10))
     for method, points in curves(rows).items():
         if method in ABLATION:
             x, y = _xy(points, "accuracy")
@@ -191,7 +192,7 @@ def nearest_in_cost(rows: list[dict], method: str, cost: float) -> dict:
 
 def plot_decomposition_pair(jei: dict, other: dict, path):
     """Figure 3 with two methods on the same axes: per-exit accuracy on the exited samples (a) and on all (b)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(10, 4), sharey=True)
     for row, color, shift in ((jei, "tab:blue", -0.12), (other, "tab:orange", 0.12)):
         hist = np.array(row["exit_hist"], dtype=float)
         exits = np.arange(1, hist.size + 1)
@@ -220,7 +221,7 @@ def plot_decomposition(row, path):
     hist = np.array(row["exit_hist"], dtype=float)
     exits = np.arange(1, hist.size + 1)
     sizes = 20 + 600 * hist / max(hist.max(), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, title in ((axes[0], "exit_acc_exited", "a) accuracy of IM l on the samples exiting at l"),
                            (axes[1], "exit_acc_all", "b) accuracy of IM l on all samples")):
         acc = np.array(row[key], dtype=float)
@@ -238,6 +239,13 @@ def plot_decomposition(row, path):
     _save(fig, path)
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure that is only ever written to a file: matplotlib's Figure with its own canvas, so no pyplot state and
+    no global backend (a notebook's own backend stays as the user set it)."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def _finish(fig, ax, xlabel, ylabel, path):
     """The single-panel figures' common ending: labels, grid, legend, save."""
     ax.set_xlabel(xlabel)
@@ -250,7 +258,6 @@ def _finish(fig, ax, xlabel, ylabel, path):
 def _save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_plots(rows: list[dict], out, lam: float | None = None, split: str = "test") -> list[Path]:

@@ -74,6 +74,7 @@ Columns of results.parquet (null where a column does not apply to a row's method
 """
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -239,6 +240,17 @@ def _rows_digest(table) -> bytes:
     """sha256 of a table's rows as Python values (what read_part returns), independent of its metadata."""
     text = json.dumps(table.to_pylist(), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest().encode()
+
+
+def nearest_lambda(rows: list[dict], lam: float, split: str | None = None) -> dict:
+    """The selected JEI-DNN row (of `split`, when given) whose lambda is nearest `lam` in log space (ties: the lower
+    trial id): the model `report --lam`, `predict --lam` and EarlyExitModel.from_run mean."""
+    if not (lam > 0 and math.isfinite(lam)):
+        raise ValueError(f"lambda must be a finite number > 0, got {lam}")
+    chosen = [r for r in rows if r["method"] == "jei" and r.get("selected") and split in (None, r["split"])]
+    if not chosen:
+        raise ValueError("the run has no selected JEI-DNN model")
+    return min(chosen, key=lambda r: (abs(math.log(r["lam"]) - math.log(lam)), r["trial"]))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

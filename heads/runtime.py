@@ -58,12 +58,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from heads import rundir
+from heads import cpu, rundir
 from heads.evaluate import Calibration, ExitOutputs, calibrate, predict_with_sets
 from heads.exits import ExitRule, exit_decision, exit_distribution, exit_rule_row
 from heads.gate_features import gate_features_torch, row_features
 from heads.metrics import CONFORMAL_METHODS
-from heads.model import StackedHeads
+from heads.model import StackedHeads, gate_pre_activation
+from heads.train import v1_v2_rows
 
 CACHE_DTYPE = torch.float16   # what the cache stores features and logits as (cache/store.py)
 GRAYSCALE_DATASETS = ("fashion-mnist",)   # stored as one channel; extract.datasets feeds it to all three
@@ -107,6 +108,7 @@ class EarlyExitModel(nn.Module):
         """heads: one trial; calibration: fitted on V2 with the exits this threshold gives; manifest: the cache's
         (class names, per-exit Mul-Adds, transform); run_row: the run's results row of the trial (from_run)."""
         super().__init__()
+        cpu.configure()     # the kernels' shared thread pool and flushed denormals (heads/cpu.py), once per process
         if heads.n_trials != 1:
             raise ValueError(f"an EarlyExitModel runs one trained model; got heads of {heads.n_trials} trials "
                              "(use StackedHeads.select)")
@@ -194,7 +196,7 @@ class EarlyExitModel(nn.Module):
     def _exit_head_torch(self, l: int, z: torch.Tensor, rule: ExitRule) -> tuple[torch.Tensor, torch.Tensor, int]:
         logits = self._im(l, z)
         feats = gate_features_torch(torch.softmax(logits, dim=-1))
-        leaving = rule.step(torch.sigmoid((feats * self.gate_weight[l]).sum(-1) + self.gate_bias[l]))
+        leaving = rule.step(torch.sigmoid(gate_pre_activation(feats, self.gate_weight[l], self.gate_bias[l])))
         return logits, leaving, int(leaving.sum())
 
     def _apply(self, fn, *args, **kwargs):
@@ -451,12 +453,7 @@ def _finish_kernel(z, exits, temperature, thresholds, prediction, probs, sets):
 # ---- helpers of from_run ---------------------------------------------------------------------------------------
 def select_trial(rows: list[dict], lam: float) -> dict:
     """The selected "jei" test row whose lambda is nearest `lam` in log space."""
-    if not (lam > 0 and math.isfinite(lam)):
-        raise ValueError(f"lambda must be a finite number > 0, got {lam}")
-    chosen = [r for r in rows if r["method"] == "jei" and r["split"] == "test" and r.get("selected")]
-    if not chosen:
-        raise ValueError("the run has no selected JEI-DNN model")
-    return min(chosen, key=lambda r: (abs(math.log(r["lam"]) - math.log(lam)), r["trial"]))
+    return rundir.nearest_lambda(rows, lam, "test")
 
 
 def trial_heads(run_dir, trial_id: int) -> StackedHeads:
@@ -475,7 +472,7 @@ def v2_outputs(cache, heads: StackedHeads, threshold: float = 0.5) -> ExitOutput
     """The model's outputs on V2, the second half of the cache's val split in stored order (the split
     heads.train.make_train_data makes), with the exits the simulation takes at `threshold`."""
     val = cache.load_split("val")
-    half = len(val.labels) // 2
+    half = v1_v2_rows(len(val.labels))[1][0]
     feats = [f[half:].contiguous() for f in val.features]
     last = None if heads.trains_last else val.logits[half:].contiguous()
     logits, g = heads.outputs(feats, last)

@@ -41,6 +41,7 @@ import torchrun
 from heads import rundir
 from heads.evaluate import ExitOutputs, evaluate_many
 from heads.exits import exit_decision, exit_distribution
+from heads.kernels import exit_cross_entropy
 from heads.model import StackedHeads
 from heads.stream import MemoryPlan, MemorySettings, plan_memory
 from heads.train import (TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, open_split, split_outputs,
@@ -319,13 +320,7 @@ def warm_heads(session: Session, settings: TrainSettings, warm,
     pair = (settings.lr, settings.weight_decay)
     lr, wd = pair if pair in warm.optim else warm.optim[0]
     epochs = warm.epochs if epochs is None else min(epochs, warm.epochs)
-    data = session.data
-    heads = StackedHeads.init(data.exit_dims, data.num_classes, 1, data.trains_last, settings.seed, settings.device)
-    weights, biases = warm.initial_ims(lr, wd, epochs)
-    heads.im_weight = [w.to(settings.device) for w in weights]
-    heads.im_bias = [b.to(settings.device) for b in biases]
-    heads.epochs_trained[:] = epochs
-    return heads, (lr, wd)
+    return warm.start_heads(session.data, [(lr, wd, epochs)], settings.seed, settings.device), (lr, wd)
 
 
 def reference_group(session: Session, settings: TrainSettings, trials: list[dict]) -> dict:
@@ -441,9 +436,7 @@ def auto_lambdas(ce: np.ndarray, ic_norm: np.ndarray, points: int, first_share: 
 def cross_entropy(session: Session, heads: StackedHeads, split: str) -> np.ndarray:
     """(N, L) per-exit cross-entropy on a split ("v1", "v2", "test") of a one-trial heads stack."""
     logits, _, labels = session.outputs(heads, split)
-    z = torch.from_numpy(logits[0]).double()
-    picked = z.gather(-1, torch.from_numpy(labels).long()[:, None, None].expand(-1, z.shape[1], 1)).squeeze(-1)
-    return (torch.logsumexp(z, -1) - picked).numpy()
+    return exit_cross_entropy(torch.from_numpy(logits[0]).double(), torch.from_numpy(labels).long()).numpy()
 
 
 def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple = (), log=print) -> list[float]:

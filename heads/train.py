@@ -38,13 +38,12 @@ import numpy as np
 import torch
 
 from heads import finite
-from heads.exits import TARGET_RULES, exit_costs, exit_distribution, gate_targets
+from heads.exits import IM_LOSSES, TARGET_RULES, classifier_weights, exit_costs, gate_targets, warmup_exit_weights
 from heads.engine import StackEngine
-from heads.kernels import adam_scales, adam_update_torch
+from heads.kernels import exit_cross_entropy
 from heads.model import COMPUTE, OUTPUT_ROWS, StackedHeads
 from heads.stream import ChunkShuffle, MemoryPlan, StreamedSplit
 
-IM_LOSSES = ("weighted", "uniform")
 # The warm-up's convergence test (warmup_patience) looks at the mean over IMs of each IM's best V2 accuracy so far,
 # not at any single IM: at lr 0.01 single IMs swing by points from epoch to epoch, so with a dozen IMs one of them
 # sets a new best by chance almost every epoch and "no IM improved" never holds (README, measured on the demo cache).
@@ -249,6 +248,16 @@ def open_split(cache, split: str, plan: MemoryPlan | None = None, device="cpu", 
     return SplitTensors(feats, arrays.labels.to(device=device, dtype=torch.int64), logits, stacked)
 
 
+def v1_v2_rows(n_val: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The row ranges [a, b) of V1 and V2 in a val split of n_val rows: its first and second half in stored order
+    (section 5: V1 sets the gates' class weights and the thresholds of threshold gating, V2 selects, stops early
+    and calibrates). Training, evaluation and the runtime's calibration all halve val here."""
+    half = n_val // 2
+    if half == 0:
+        raise ValueError("the val split needs at least 2 rows to be halved into V1 and V2")
+    return (0, half), (half, n_val)
+
+
 def make_train_data(cache, device="cpu", dtype=torch.float16, plan: MemoryPlan | None = None) -> TrainData:
     """Load train and val of a cache (features and logits as `dtype`: float16, as stored, by default; mini-batches
     come out as float32), resident or streamed as `plan` says (None: resident); val is halved in stored order into
@@ -257,10 +266,7 @@ def make_train_data(cache, device="cpu", dtype=torch.float16, plan: MemoryPlan |
     costs = torch.tensor([float(e["cumulative_total_macs"]) for e in manifest["exits"]], dtype=torch.float64)
     if costs.numel() < 2 or bool((costs <= 0).any()):
         raise ValueError(f"the cache manifest needs >= 2 exits with positive cumulative_total_macs, got {costs.tolist()}")
-    n_val = cache.num_rows("val")
-    half = n_val // 2
-    if half == 0:
-        raise ValueError("the val split needs at least 2 rows to be halved into V1 and V2")
+    (_, half), (_, n_val) = v1_v2_rows(cache.num_rows("val"))
     if plan is not None and not plan.resident["val"]:
         v1, v2 = (open_split(cache, "val", plan, device, dtype, r) for r in ((0, half), (half, n_val)))
     else:
@@ -288,19 +294,10 @@ def split_outputs(heads: StackedHeads, split: Split, gates: bool = True):
 
 
 # ---- losses ------------------------------------------------------------------------------------------------------
-def exit_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(T, B, L, K) logits, (B,) labels -> (T, B, L) per-sample cross-entropy of every exit."""
-    picked = logits.gather(-1, labels[None, :, None, None].expand(*logits.shape[:-1], 1)).squeeze(-1)
-    return torch.logsumexp(logits, dim=-1) - picked
-
-
 def warmup_loss(heads: StackedHeads, feats, labels, last_logits) -> torch.Tensor:
     """Eq. 17: sum over trained IMs of (L - l) CE_l, batch mean, summed over trials (a trained last head: weight 1)."""
     ce = exit_cross_entropy(heads.im_logits(feats, last_logits), labels)
-    n_exits = ce.shape[-1]
-    weight = torch.arange(n_exits, 0, -1, device=ce.device, dtype=ce.dtype) - 1.0   # L - l for l = 1..L
-    weight[-1] = 1.0 if heads.trains_last else 0.0
-    return (ce * weight).sum(-1).mean(-1).sum()
+    return (ce * warmup_exit_weights(ce.shape[-1], heads.trains_last, ce.device, ce.dtype)).sum(-1).mean(-1).sum()
 
 
 def gate_loss(heads: StackedHeads, feats, labels, last_logits, lam, ic_norm, rule, pos_weight) -> torch.Tensor:
@@ -321,46 +318,12 @@ def classifier_loss(heads: StackedHeads, feats, labels, last_logits, lam, ic_nor
     The gate parameters are never in the graph."""
     logits = heads.im_logits(feats, last_logits)
     ce = exit_cross_entropy(logits, labels)
-    if im_loss == "uniform":
-        return ce.sum(-1).mean(-1).sum()
-    if full_gradient:
-        p_g = exit_distribution(torch.sigmoid(heads.gate_logits(logits, detach_gates=True)))
+    if full_gradient and im_loss == "weighted":
+        p_g = classifier_weights(torch.sigmoid(heads.gate_logits(logits, detach_gates=True)))
         return (p_g * exit_costs(ce, lam, ic_norm)).sum(-1).mean(-1).sum()   # eq. 29
     with torch.no_grad():
-        p_g = exit_distribution(torch.sigmoid(heads.gate_logits(logits)))
+        p_g = classifier_weights(torch.sigmoid(heads.gate_logits(logits)), im_loss)
     return (p_g * ce).sum(-1).mean(-1).sum()                                  # eq. 30
-
-
-# ---- optimiser ---------------------------------------------------------------------------------------------------
-class StackedAdam:
-    """torch.optim.Adam (L2 weight decay added to the gradient) with its own lr and weight decay per trial; trials
-    that are not active do not move. trial_dims[i] is the axis of params[i] that indexes trials."""
-
-    def __init__(self, params, trial_dims, lr: torch.Tensor, weight_decay: torch.Tensor, betas=(0.9, 0.999),
-                 eps=1e-8):
-        self.params, self.betas, self.eps, self.steps = list(params), betas, eps, 0
-        self.shape = [[-1 if d == dim else 1 for d in range(p.dim())] for p, dim in zip(self.params, trial_dims)]
-        self.lr, self.weight_decay = lr, weight_decay
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-
-    @torch.no_grad()
-    def step(self, grads, active: torch.Tensor):
-        """adam_update_torch on every parameter, as torch's multi-tensor (_foreach) ops: on the CPU they run the
-        same per-tensor kernels (bit-identical), without a Python round trip per parameter and operation."""
-        self.steps += 1
-        lr_scale, eps_scale = adam_scales(self.steps, *self.betas)
-        lr = self.lr * active.to(self.lr.dtype) * lr_scale
-        b1, b2 = self.betas
-        g = torch._foreach_addcmul(list(grads), self.params, [self.weight_decay.view(s) for s in self.shape])
-        torch._foreach_lerp_(self.m, g, 1 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, g, g, value=1 - b2)
-        denominator = torch._foreach_sqrt(self.v)
-        torch._foreach_add_(denominator, self.eps * eps_scale)
-        update = torch._foreach_div(self.m, denominator)
-        torch._foreach_mul_(update, [lr.view(s) for s in self.shape])
-        torch._foreach_sub_(self.params, update)
 
 
 # ---- evaluation during training ----------------------------------------------------------------------------------
@@ -399,6 +362,36 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, device
     return list(torch.randperm(n, generator=generator).to(device).split(batch_size))
 
 
+# ---- early stopping ----------------------------------------------------------------------------------------------
+class BestState:
+    """The best value so far of every slot (a trial, or an IM of an (lr, weight decay) pair), lower is better
+    unless higher=True, and the updates since each slot last improved (early stopping: stale >= patience). The
+    caller keeps the matching parameters of the slots update() says improved."""
+
+    def __init__(self, shape, higher: bool = False, device="cpu"):
+        self.higher = higher
+        self.best = torch.full(shape, -math.inf if higher else math.inf, dtype=torch.float64, device=device)
+        self.stale = torch.zeros(shape, dtype=torch.int64, device=device)
+
+    def update(self, value: torch.Tensor, index: torch.Tensor | None = None,
+               where: torch.Tensor | None = None) -> torch.Tensor:
+        """Compare `value` with the best of the slots `index` (default all); returns the improved mask over the
+        compared slots (`where` False: never improved). Every slot not improved counts one more stale update."""
+        best = self.best if index is None else self.best[index]
+        improved = value > best if self.higher else value < best
+        if where is not None:
+            improved &= where
+        if index is None:
+            self.best = torch.where(improved, value.to(self.best.dtype), self.best)
+            full = improved
+        else:
+            self.best[index] = torch.where(improved, value.to(self.best.dtype), best)
+            full = torch.zeros_like(self.stale, dtype=torch.bool)
+            full[index] = improved
+        self.stale = torch.where(full, 0, self.stale + 1)
+        return improved
+
+
 # ---- warm-up -----------------------------------------------------------------------------------------------------
 @dataclass
 class WarmState:
@@ -427,6 +420,18 @@ class WarmState:
         j = self.optim.index((lr, weight_decay))
         weights, biases = self.snapshots[min(epochs, self.epochs)]
         return [w[:, j:j + 1] for w in weights], [b[j:j + 1] for b in biases]
+
+    def start_heads(self, data: "TrainData", starts: list[tuple[float, float, int]], seed: int,
+                    device) -> StackedHeads:
+        """A heads stack of one trial per (lr, weight decay, warm-up epochs) in `starts`: its IMs those of that
+        warm-up after that many epochs (each IM at its best V2 epoch so far, copied), its gates drawn from `seed`,
+        epochs_trained the warm-up epochs it had. Where every trial and baseline starts from."""
+        heads = StackedHeads.init(data.exit_dims, data.num_classes, len(starts), data.trains_last, seed, device)
+        ims = [self.initial_ims(*start) for start in starts]
+        heads.im_weight = [torch.cat([w[i] for w, _ in ims], dim=1).to(device) for i in range(len(heads.im_weight))]
+        heads.im_bias = [torch.cat([b[i] for _, b in ims], dim=0).to(device) for i in range(len(heads.im_bias))]
+        heads.epochs_trained[:] = torch.tensor([min(start[2], self.epochs) for start in starts])
+        return heads
 
 
 def _resolve_trials(trials: list[dict], settings: TrainSettings) -> list[dict]:
@@ -465,12 +470,10 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
                          settings.batch_size)
     n_w = len(heads.im_weight)
     # eq. 17's weights L - l per exit (a trained last head: 1), as CE coefficients per sample
-    n_exits = len(data.exit_dims)
-    exit_weight = torch.arange(n_exits, 0, -1, dtype=torch.float32, device=device) - 1.0
-    exit_weight[-1] = 1.0 if data.trains_last else 0.0
+    exit_weight = warmup_exit_weights(len(data.exit_dims), data.trains_last, device)
     best_w = [w.clone() for w in heads.im_weight]
     best_b = [b.clone() for b in heads.im_bias]
-    best_acc = torch.full((len(optim), n_w), -1.0, dtype=torch.float64, device=device)
+    tracker = BestState((len(optim), n_w), higher=True, device=device)                # per pair and IM
     snapshots = [([w.clone() for w in best_w], [b.clone() for b in best_b])]
     history = []
     gen = torch.Generator().manual_seed(seed_warm)
@@ -483,8 +486,8 @@ def warmup(data: TrainData, settings: TrainSettings, progress: Progress | None =
         finite.check_heads(heads, "warm-up", epoch + 1, [f"lr {o[0]:g}, weight decay {o[1]:g}" for o in optim])
         acc = engine.im_accuracy(data.v2)
         history.append(acc)
-        better = acc > best_acc                                                   # (n_optim, n_ims)
-        best_acc = torch.where(better, acc, best_acc)
+        better = tracker.update(acc)                                              # (n_optim, n_ims)
+        best_acc = tracker.best
         for i in range(n_w):
             best_w[i] = torch.where(better[:, i][None, :, None], heads.im_weight[i], best_w[i])
             best_b[i] = torch.where(better[:, i][:, None], heads.im_bias[i], best_b[i])
@@ -510,10 +513,9 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
         raise ValueError("the warm-up state and the data disagree on whether the last head is trained")
     device, n_trials = settings.device, len(resolved)
     seed_init, _, seed_bilevel = seed_streams(settings.seed)
-    heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last, seed_init, device)
-    starts = [warm.initial_ims(t["lr"], t["weight_decay"], t["warmup_epochs"]) for t in resolved]
-    heads.im_weight = [torch.cat([s[0][i] for s in starts], dim=1).to(device) for i in range(len(heads.im_weight))]
-    heads.im_bias = [torch.cat([s[1][i] for s in starts], dim=0).to(device) for i in range(len(heads.im_bias))]
+    heads = warm.start_heads(data, [(t["lr"], t["weight_decay"], t["warmup_epochs"]) for t in resolved], seed_init,
+                             device)
+    heads.epochs_trained[:] = 0                             # from here: the bi-level epochs of the kept state
     best = heads.select(list(range(n_trials)))
 
     lam = torch.tensor([t["lam"] for t in resolved], device=device)
@@ -523,10 +525,9 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
                          torch.tensor([t["weight_decay"] for t in resolved]), settings.batch_size)
     stack = torch.arange(n_trials, device=device)     # the trial (index into `resolved`) of each stack position
 
-    best_obj = torch.full((n_trials,), math.inf, dtype=torch.float64, device=device)
+    tracker = BestState((n_trials,), device=device)                     # the V2 objective of each trial
     best_acc = torch.zeros(n_trials, dtype=torch.float64, device=device)
     best_cost = torch.zeros(n_trials, dtype=torch.float64, device=device)
-    stale = torch.zeros(n_trials, dtype=torch.int64, device=device)
     active = torch.ones(n_trials, dtype=torch.bool, device=device)
     gen = torch.Generator().manual_seed(seed_bilevel)
     gate_state, step = True, 0                                                   # Algorithm 1 line 11
@@ -557,16 +558,13 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
         labels_s = [f"lambda {resolved[i]['lam']:g} (lr {resolved[i]['lr']:g})" for i in stack.tolist()]
         finite.check_heads(engine.heads, "bi-level", epoch + 1, labels_s)
         finite.check_values(~torch.isfinite(v2["objective"]).cpu(), "bi-level", epoch + 1, labels_s, "V2 objective")
-        improved_s = v2["objective"] < best_obj[stack]
-        improved = torch.zeros_like(active)
-        improved[stack] = improved_s
-        best_obj[stack] = torch.where(improved_s, v2["objective"], best_obj[stack])
+        improved_s = tracker.update(v2["objective"], stack)
+        improved = tracker.stale == 0                                   # over all trials: improved now
         best_acc[stack] = torch.where(improved_s, v2["accuracy"], best_acc[stack])
         best_cost[stack] = torch.where(improved_s, v2["cost"], best_cost[stack])
         copy_trials(best, engine.heads, stack[improved_s], improved_s.nonzero().squeeze(1))
         best.epochs_trained[improved.cpu()] = epoch + 1
-        stale = torch.where(improved, 0, stale + 1)
-        active &= stale < settings.patience
+        active &= tracker.stale < settings.patience
         if progress is not None:
             progress(EpochReport("bilevel", epoch + 1, n_epochs, best_acc.tolist(), best_cost.tolist(),
                                  active.tolist()))

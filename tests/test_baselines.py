@@ -14,7 +14,8 @@ from heads.model import StackedHeads
 from heads.thresholds import (
     DEFAULT_P_GRID, budget_fractions, exit_by_thresholds, fit_thresholds, max_softmax, threshold_sweep,
 )
-from heads.train import SplitTensors, TrainData, TrainSettings, seed_streams, exit_cross_entropy, warmup
+from heads.kernels import exit_cross_entropy
+from heads.train import SplitTensors, TrainData, TrainSettings, seed_streams, warmup
 
 DIMS = [5, 6, 6, 7]
 K = 3

@@ -1,5 +1,5 @@
 """heads.cpu: numba's kernels share torch's OpenMP threads, and denormals are flushed on all of them, also when
-torch's threads existed before heads was imported."""
+torch's threads existed before heads configured them; importing the package changes none of it."""
 import subprocess
 import sys
 import textwrap
@@ -16,15 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not __import__("platform").machine().lower() in ("x86_64", "amd64"), reason="MXCSR is x86")
-def test_denormals_flushed_on_every_thread_after_import():
-    # a fresh process: torch's two OpenMP threads exist (and keep denormals) before heads is imported
+def test_denormals_flushed_on_every_thread_after_configure():
+    # a fresh process: torch's two OpenMP threads exist (and keep denormals) before heads configures the CPU
     script = textwrap.dedent("""
         import torch
         torch.set_num_threads(2)
         x = torch.full((1_000_000,), 1e-40)        # denormal; an elementwise op this size runs on both threads
         before = int(((x * 2) > 0).sum())
         import numba
-        import heads.gate_features  # noqa: F401
+        from heads import cpu
+        cpu.configure()
         after = int(((x * 2) > 0).sum())
         print(before, after, numba.threading_layer(), torch.get_num_threads())
     """)
@@ -74,3 +75,31 @@ def test_stage_two_threads_follow_the_free_cores_and_the_option(monkeypatch):
         assert cpu.use_threads("cpu", 2) == 2 and cpu.use_threads("cuda") == 2 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_importing_every_module_leaves_the_process_as_it_was():
+    """Importing every module of every package (and pipeline.py) leaves numba's threading layer, the denormal
+    flags of torch's threads and matplotlib's backend as the process had them."""
+    packages = [p.parent.name for p in sorted(ROOT.glob("*/__init__.py")) if p.parent.name != "tests"]
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import matplotlib
+        matplotlib.use("pdf")                     # a backend nothing here would choose
+        import numba, torch
+        torch.set_num_threads(2)
+        x = torch.full((1_000_000,), 1e-40)        # denormal; an elementwise op this size runs on both threads
+        state = lambda: (numba.config.THREADING_LAYER, int(((x * 2) > 0).sum()), matplotlib.get_backend())
+        before = state()
+        names = ["pipeline"]
+        for package in sys.argv[1:]:
+            names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules([package])]
+        for name in names:
+            importlib.import_module(name)
+        print(repr((before, state(), len(names))))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, *packages], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, imported = eval(out.stdout.strip().splitlines()[-1])
+    assert before == ("default", 1_000_000, "pdf") and after == before
+    assert imported > 40                          # every module really was imported

@@ -6,10 +6,10 @@ import torch
 from heads.engine import StackEngine
 from heads.exits import exit_decision, exit_distribution
 from heads.gate_features import gate_features_torch
-from heads.kernels import (adam_update, adam_update_torch, softmax_stats, softmax_stats_torch, weighted_ce_grad,
-                           weighted_ce_grad_torch)
+from heads.adam import StackedAdam, adam_update, adam_update_torch
+from heads.kernels import softmax_stats, softmax_stats_torch, weighted_ce_grad, weighted_ce_grad_torch
 from heads.model import StackedHeads
-from heads.train import (SplitTensors, StackedAdam, classifier_loss, exited_metrics, gate_loss, warmup_loss)
+from heads.train import SplitTensors, classifier_loss, exited_metrics, gate_loss, warmup_loss
 
 
 def logits_with_ties(shape, seed=0):
@@ -187,7 +187,7 @@ def test_adam_steps_equal_stacked_adam_on_autograd_gradients(per_trial):
     for got, want in zip(engine.heads.im_params() + engine.heads.gate_params(), ref.im_params() + ref.gate_params()):
         torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)
     if not per_trial and torch.__version__ >= (2, 4):       # CPU fused Adam exists: it must have been used
-        assert engine._fused
+        assert engine.im_adam.backend == "fused"
 
 
 def test_keep_drops_trials_and_the_rest_continue_unchanged():
@@ -253,6 +253,7 @@ def test_forward_checks_its_inputs():
 
 def test_torch_kernels_train_like_the_numba_ones(monkeypatch):
     """The path a GPU takes (every kernel in torch, per-trial Adam in torch), run on the CPU: same training."""
+    import heads.adam as adam_module
     import heads.engine as engine_module
     import heads.kernels as kernels
 
@@ -269,7 +270,7 @@ def test_torch_kernels_train_like_the_numba_ones(monkeypatch):
     want = steps(StackEngine(heads.select([0, 1]), lr, wd, len(labels)), feats, labels, last)
     monkeypatch.setattr(engine_module, "softmax_stats", lambda *a: softmax_stats_torch(*a))
     monkeypatch.setattr(engine_module, "weighted_ce_grad", weighted_ce_grad_torch)
-    monkeypatch.setattr(engine_module, "adam_update", adam_update_torch)
+    monkeypatch.setattr(adam_module, "adam_update", adam_update_torch)
     monkeypatch.setattr(kernels, "_stats_kernel", None)                   # nothing may reach numba now
     got = steps(StackEngine(heads.select([0, 1]), lr, wd, len(labels)), feats, labels, last)
     for name, value in want.items():

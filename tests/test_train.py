@@ -7,7 +7,8 @@ import torch
 
 from heads.exits import exit_decision, exit_distribution
 from heads.model import StackedHeads
-from heads.train import (WARMUP_MIN_GAIN, SplitTensors, StackedAdam, TrainData, TrainSettings, classifier_loss,
+from heads.adam import StackedAdam
+from heads.train import (WARMUP_MIN_GAIN, SplitTensors, TrainData, TrainSettings, classifier_loss,
                          default_settings, gate_loss, make_train_data, train_stack, warmup, warmup_loss)
 
 
@@ -144,7 +145,7 @@ def test_stacked_adam_matches_torch_adam_per_trial():
 def test_stacked_adam_is_per_parameter_adam_update_bit_for_bit():
     """StackedAdam's multi-tensor step equals adam_update_torch applied parameter by parameter, exactly (several
     parameters, trial axes 0 and 1, an inactive trial, weight decay per trial)."""
-    from heads.kernels import adam_scales, adam_update_torch
+    from heads.adam import adam_scales, adam_update_torch
     gen = torch.Generator().manual_seed(1)
     lr, wd = torch.tensor([0.01, 0.003, 0.02]), torch.tensor([5e-4, 0.0, 1e-3])
     params = [torch.randn(5, 3, 4, generator=gen), torch.randn(3, 4, generator=gen), torch.randn(3, 7, generator=gen)]
