@@ -92,7 +92,7 @@ def test_importing_every_module_leaves_the_process_as_it_was():
         before = state()
         names = ["pipeline"]
         for package in sys.argv[1:]:
-            names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules([package])]
+            names += [package] + [m.name for m in pkgutil.walk_packages([package], prefix=f"{package}.")]
         for name in names:
             importlib.import_module(name)
         print(repr((before, state(), len(names))))
