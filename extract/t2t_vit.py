@@ -19,17 +19,11 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ["T2TViT", "sinusoid_position_table"]
-
-# timm-style pretrained config: ImageNet normalisation and the official evaluation crop (crop_pct 0.9, bicubic).
-_DEFAULT_CFG = {
-    "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-    "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-    "first_conv": "tokens_to_token.soft_split0", "classifier": "head",
-}
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -247,18 +241,17 @@ class T2TViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Keys timm.create_model passes to every entry point; they concern downloading, which T2T-ViT does not do.
-_TIMM_LOADER_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+def _cfg(url: str = "", **kwargs) -> dict:
+    """timm-style pretrained config: ImageNet normalisation and the official evaluation crop (0.9, bicubic).
 
-
-def _create(variant: str, pretrained: bool, **kwargs) -> T2TViT:
-    for key in _TIMM_LOADER_KEYS:
-        kwargs.pop(key, None)
-    if pretrained:
-        raise ValueError(f"{variant}: no download; load the official .pth.tar with extract.load_backbone(weights=...)")
-    model = T2TViT(**kwargs)
-    model.default_cfg = model.pretrained_cfg = dict(_DEFAULT_CFG, architecture=variant)
-    return model
+    No url: nothing is downloaded; the released `.pth.tar` files are loaded with
+    extract.load_backbone(weights=...). Not `fixed_input_size`: img_size is a model argument (a multiple of 16).
+    """
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "tokens_to_token.soft_split0", "classifier": "head", **kwargs,
+    }
 
 
 # Published configurations (Table 1 of Yuan et al. 2021). kwargs may override any of them, e.g. for tiny test models.
@@ -271,32 +264,41 @@ _CONFIGS = {
     "t2t_vit_24": dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
 }
 
+# Read by timm's register_model (it looks up `default_cfgs` in the entry point's module), so it must come first.
+default_cfgs = generate_default_cfgs({name: _cfg() for name in _CONFIGS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
+    if pretrained:
+        raise ValueError(f"{variant}: no download; load the official .pth.tar with extract.load_backbone(weights=...)")
+    return build_model_with_cfg(T2TViT, variant, pretrained, **{**_CONFIGS[variant], **kwargs})
+
 
 @register_model
 def t2t_vit_7(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_7", pretrained, **{**_CONFIGS["t2t_vit_7"], **kwargs})
+    return _create("t2t_vit_7", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_10(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_10", pretrained, **{**_CONFIGS["t2t_vit_10"], **kwargs})
+    return _create("t2t_vit_10", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_12(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_12", pretrained, **{**_CONFIGS["t2t_vit_12"], **kwargs})
+    return _create("t2t_vit_12", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_14(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_14", pretrained, **{**_CONFIGS["t2t_vit_14"], **kwargs})
+    return _create("t2t_vit_14", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_19(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_19", pretrained, **{**_CONFIGS["t2t_vit_19"], **kwargs})
+    return _create("t2t_vit_19", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_24(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_24", pretrained, **{**_CONFIGS["t2t_vit_24"], **kwargs})
+    return _create("t2t_vit_24", pretrained, **kwargs)

@@ -71,6 +71,21 @@ def test_create_model_with_classes_and_size():
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
 
 
+def test_pretrained_cfg_is_in_timms_registry():
+    # Built through timm's build_model_with_cfg from registered default cfgs, like timm's own models: the
+    # config is known by name (timm.data can resolve it without building the model) and is the model's own.
+    cfg = timm.models.get_pretrained_cfg("t2t_vit_14")
+    assert (cfg.architecture, cfg.input_size, cfg.crop_pct, cfg.interpolation) == ("t2t_vit_14", (3, 224, 224),
+                                                                                   0.9, "bicubic")
+    assert (cfg.mean, cfg.std, cfg.classifier) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "head")
+    assert not cfg.has_weights  # nothing to download: official weights come in through load_backbone(weights=...)
+    with torch.device("meta"):
+        model = timm.create_model("t2t_vit_14")
+    assert model.pretrained_cfg == cfg.to_dict()
+    with pytest.raises(ValueError, match="no download"):
+        timm.create_model("t2t_vit_7", pretrained=True)
+
+
 def test_outputs_equal_the_official_implementation(reference):
     model = _tiny_model()
     block_cls = []
