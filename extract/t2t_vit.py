@@ -2,6 +2,7 @@
 
     import extract, timm
     model = timm.create_model("t2t_vit_14", num_classes=100, img_size=224)
+    final, per_block = model.forward_intermediates(images)   # as timm's VisionTransformer.forward_intermediates
 
 A re-implementation of the Performer variant of the official yitu-opensource/T2T-ViT models: parameter names,
 shapes and the order of floating-point operations follow the official code, so that the released `.pth.tar`
@@ -19,17 +20,12 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 __all__ = ["T2TViT", "sinusoid_position_table"]
-
-# timm-style pretrained config: ImageNet normalisation and the official evaluation crop (crop_pct 0.9, bicubic).
-_DEFAULT_CFG = {
-    "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-    "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-    "first_conv": "tokens_to_token.soft_split0", "classifier": "head",
-}
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -187,6 +183,7 @@ class T2TViT(nn.Module):
             raise ValueError(f"T2T-ViT needs an image size that is a positive multiple of 16, got {img_size}")
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1  # the CLS token
         self.img_size = img_size
         self.attn_scale = embed_dim ** -0.5 if attn_scale is None else attn_scale
         self.tokens_to_token = T2TModule(img_size, in_chans, embed_dim, token_dim)
@@ -200,6 +197,7 @@ class T2TViT(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, self.attn_scale, qkv_bias, drop_rate, attn_drop_rate, dp)
             for dp in drop_path])
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=16) for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=0.02)
@@ -239,6 +237,59 @@ class T2TViT(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False):
+        """Block outputs as timm's VisionTransformer.forward_intermediates gives them (same arguments, same results).
+
+        indices: the last n blocks if an int, all if None, those listed otherwise (negative from the end).
+        norm: apply the final norm to each intermediate. output_fmt: "NCHW" (the square token grid, img_size / 16
+        a side) or "NLC". Intermediates exclude the CLS token; return_prefix_tokens pairs each with its CLS token
+        (B, 1, D). stop_early: stop after the last block asked for. Returns (final normed tokens, intermediates),
+        the intermediates alone (intermediates_only), or a dict with 'image_intermediates',
+        'image_intermediates_prefix' (with return_prefix_tokens) and 'image_features' (unless intermediates_only).
+        timm's attention-mask arguments are not offered: T2T-ViT's attention takes no mask.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.forward_embed(x)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            B, T, _ = x.shape
+            side = math.isqrt(T - self.num_prefix_tokens)  # the T2T stem's square grid
+            intermediates = [y.reshape(B, side, side, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / the head if asked); as timm's ViT."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def forward_head(self, x, pre_logits: bool = False):
         x = x[:, 0]
         return x if pre_logits else self.head(x)
@@ -247,18 +298,17 @@ class T2TViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Keys timm.create_model passes to every entry point; they concern downloading, which T2T-ViT does not do.
-_TIMM_LOADER_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+def _cfg(url: str = "", **kwargs) -> dict:
+    """timm-style pretrained config: ImageNet normalisation and the official evaluation crop (0.9, bicubic).
 
-
-def _create(variant: str, pretrained: bool, **kwargs) -> T2TViT:
-    for key in _TIMM_LOADER_KEYS:
-        kwargs.pop(key, None)
-    if pretrained:
-        raise ValueError(f"{variant}: no download; load the official .pth.tar with extract.load_backbone(weights=...)")
-    model = T2TViT(**kwargs)
-    model.default_cfg = model.pretrained_cfg = dict(_DEFAULT_CFG, architecture=variant)
-    return model
+    No url: nothing is downloaded; the released `.pth.tar` files are loaded with
+    extract.load_backbone(weights=...). Not `fixed_input_size`: img_size is a model argument (a multiple of 16).
+    """
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "tokens_to_token.soft_split0", "classifier": "head", **kwargs,
+    }
 
 
 # Published configurations (Table 1 of Yuan et al. 2021). kwargs may override any of them, e.g. for tiny test models.
@@ -271,32 +321,44 @@ _CONFIGS = {
     "t2t_vit_24": dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
 }
 
+# Read by timm's register_model (it looks up `default_cfgs` in the entry point's module), so it must come first.
+default_cfgs = generate_default_cfgs({name: _cfg() for name in _CONFIGS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
+    if pretrained:
+        raise ValueError(f"{variant}: no download; load the official .pth.tar with extract.load_backbone(weights=...)")
+    out_indices = kwargs.pop("out_indices", 3)  # features_only=True: the last 3 blocks, as for timm's ViTs
+    return build_model_with_cfg(T2TViT, variant, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                **{**_CONFIGS[variant], **kwargs})
+
 
 @register_model
 def t2t_vit_7(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_7", pretrained, **{**_CONFIGS["t2t_vit_7"], **kwargs})
+    return _create("t2t_vit_7", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_10(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_10", pretrained, **{**_CONFIGS["t2t_vit_10"], **kwargs})
+    return _create("t2t_vit_10", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_12(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_12", pretrained, **{**_CONFIGS["t2t_vit_12"], **kwargs})
+    return _create("t2t_vit_12", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_14(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_14", pretrained, **{**_CONFIGS["t2t_vit_14"], **kwargs})
+    return _create("t2t_vit_14", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_19(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_19", pretrained, **{**_CONFIGS["t2t_vit_19"], **kwargs})
+    return _create("t2t_vit_19", pretrained, **kwargs)
 
 
 @register_model
 def t2t_vit_24(pretrained=False, **kwargs) -> T2TViT:
-    return _create("t2t_vit_24", pretrained, **{**_CONFIGS["t2t_vit_24"], **kwargs})
+    return _create("t2t_vit_24", pretrained, **kwargs)

@@ -71,6 +71,21 @@ def test_create_model_with_classes_and_size():
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
 
 
+def test_pretrained_cfg_is_in_timms_registry():
+    # Built through timm's build_model_with_cfg from registered default cfgs, like timm's own models: the
+    # config is known by name (timm.data can resolve it without building the model) and is the model's own.
+    cfg = timm.models.get_pretrained_cfg("t2t_vit_14")
+    assert (cfg.architecture, cfg.input_size, cfg.crop_pct, cfg.interpolation) == ("t2t_vit_14", (3, 224, 224),
+                                                                                   0.9, "bicubic")
+    assert (cfg.mean, cfg.std, cfg.classifier) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "head")
+    assert not cfg.has_weights  # nothing to download: official weights come in through load_backbone(weights=...)
+    with torch.device("meta"):
+        model = timm.create_model("t2t_vit_14")
+    assert model.pretrained_cfg == cfg.to_dict()
+    with pytest.raises(ValueError, match="no download"):
+        timm.create_model("t2t_vit_7", pretrained=True)
+
+
 def test_outputs_equal_the_official_implementation(reference):
     model = _tiny_model()
     block_cls = []
@@ -118,3 +133,61 @@ def test_frozen_tensors_and_gradients():
 def test_image_size_must_be_a_multiple_of_16(img_size):
     with pytest.raises(ValueError, match="multiple of 16"):
         T2TViT(**{**TINY, "img_size": img_size})
+
+
+def test_forward_intermediates_cls_tokens_equal_the_official_implementation(reference):
+    model = _tiny_model()
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(reference["input"], return_prefix_tokens=True,
+                                                           output_fmt="NLC")
+        features = model.forward_features(reference["input"])
+    assert len(intermediates) == TINY["depth"]
+    block_cls = torch.stack([prefix[:, 0] for _, prefix in intermediates], 1)
+    torch.testing.assert_close(block_cls, reference["block_cls"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.forward_head(final), reference["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(final, features, atol=0, rtol=0)
+    for spatial, _ in intermediates:
+        assert spatial.shape == (2, (64 // 16) ** 2, TINY["embed_dim"])
+
+
+def test_forward_intermediates_arguments_as_timms_vit(reference):
+    model, x = _tiny_model(), reference["input"]
+    with torch.no_grad():
+        grids = model.forward_intermediates(x, intermediates_only=True)                   # NCHW, every block
+        tokens = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+        normed = model.forward_intermediates(x, indices=[-1], norm=True, output_fmt="NLC", intermediates_only=True,
+                                             return_prefix_tokens=True)
+        last = model.forward_intermediates(x, indices=1, stop_early=True, output_fmt="NLC", intermediates_only=True)
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        as_dict = model.forward_intermediates(x, indices=[0], output_dict=True, return_prefix_tokens=True)
+    side = 64 // 16
+    assert [g.shape for g in grids] == [(2, TINY["embed_dim"], side, side)] * TINY["depth"]
+    for g, t in zip(grids, tokens):  # the grid is the token sequence in row-major order
+        torch.testing.assert_close(g.flatten(2).transpose(1, 2), t, atol=0, rtol=0)
+    (spatial, prefix), = normed
+    torch.testing.assert_close(model.norm(reference["block_cls"][:, -1]), prefix[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.norm(tokens[-1]), spatial, atol=1e-6, rtol=0)
+    torch.testing.assert_close(last[0], tokens[-1], atol=0, rtol=0)
+    torch.testing.assert_close(first[0], grids[0], atol=0, rtol=0)
+    assert set(as_dict) == {"image_intermediates", "image_intermediates_prefix", "image_features"}
+    torch.testing.assert_close(as_dict["image_intermediates_prefix"][0][:, 0], reference["block_cls"][:, 0],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_prune_and_features_only(reference):
+    model = _tiny_model()
+    with torch.no_grad():
+        expected = model.forward_intermediates(reference["input"], indices=[0], intermediates_only=True)
+    assert model.prune_intermediate_layers([0]) == [0]
+    assert len(model.blocks) == 1 and isinstance(model.head, torch.nn.Identity)
+    # timm's feature extraction wrapper goes through forward_intermediates and prune_intermediate_layers
+    features = timm.create_model("t2t_vit_7", features_only=True, out_indices=(1, 3), img_size=32)
+    assert len(features.model.blocks) == 4 and features.feature_info.channels() == [256, 256]
+    assert features.feature_info.reduction() == [16, 16]
+    with torch.no_grad():
+        maps = features(torch.randn(1, 3, 32, 32))
+        pruned = model.forward_intermediates(reference["input"], intermediates_only=True)
+    assert [m.shape for m in maps] == [(1, 256, 2, 2)] * 2
+    torch.testing.assert_close(pruned[0], expected[0], atol=0, rtol=0)
