@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_INSTALL)
-	$(PY) -m pip install -q --disable-pip-version-check ".[demo,test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[demo,test]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -12,19 +12,20 @@
     python pipeline.py report  RUN
     python pipeline.py predict --run RUN --lam 0.5 IMAGE...
 
-Unexpected faults (full or read-only disk, damaged files) end in one line naming the file (clierrors.py);
-`python pipeline.py --debug COMMAND ...` shows the traceback. This file is only the command group: every command lives in the package that owns it (extract/cli.py,
-cache/cli.py, heads/cli.py) and imports its heavy dependencies when it runs.
+Unexpected faults (full or read-only disk, damaged files) end in one line naming the file (cli/errors.py);
+`python pipeline.py --debug COMMAND ...` shows the traceback. This file is only the command group: every command
+lives in cli/ (cache.py, extract.py, finetune.py, heads.py, demo.py; predict in deploy/predict.py) and imports its
+heavy dependencies when it runs. `pip install -e .` also installs it as the `jei-dnn` command.
 """
 import click
 
-from cache.cli import cache_group
-from clierrors import DEBUG_ENV, Group
-from extract.cli import costs_cmd, extract_cmd
-from extract.finetune_cli import finetune_cmd
-from heads.cli import compare_cmd, fit_cmd, report_cmd, sweep_cmd, train_cmd
-from heads.demo import demo_cmd
-from heads.predict_cli import predict_cmd
+from cli.cache import cache_group
+from cli.errors import DEBUG_ENV, Group
+from cli.extract import costs_cmd, extract_cmd
+from cli.finetune import finetune_cmd
+from cli.demo import demo_cmd
+from cli.heads import compare_cmd, fit_cmd, report_cmd, sweep_cmd, train_cmd
+from deploy.predict import predict_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -1,5 +1,5 @@
 """The ranks of a job launched by torchrun (torch.distributed; NCCL between GPUs, gloo on CPUs): extraction
-(extract/run.py) and sweeps (heads/sweep.py) both run under it, so it sits beside them, in neither package.
+(extract/run.py) and sweeps (heads/sweep/sweep.py) both run under it, so it sits beside them, in neither package.
 
     torchrun --nproc_per_node=4 pipeline.py extract --backbone t2t_vit_14 ... --out cache/c.zarr
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 pipeline.py extract ...

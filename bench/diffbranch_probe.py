@@ -4,7 +4,7 @@
     python bench/diffbranch_probe.py --cache cache/demo-lite0-fmnist64.zarr --form min --epochs 8
     python bench/diffbranch_probe.py --cache cache/demo-lite0-fmnist64.zarr --form product --epochs 8
 
-Trains heads.baselines.train_diffbranch (paper recipe: 2 warm-up epochs, then joint descent on eq. 9) and prints,
+Trains heads.baselines.methods.train_diffbranch (paper recipe: 2 warm-up epochs, then joint descent on eq. 9) and prints,
 after every epoch and per lambda, V2 accuracy, normalised cost and the exit histogram. Under eqs. 7-8 the mass
 P(G=l) is clamped to 0 once the earlier gates have used it up; the gradient of eq. 9 then never reaches the later
 exits, and gates that start near 0.5 use it up within the first few exits. With the product form every exit keeps
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import heads.baselines as baselines  # noqa: E402
+import heads.baselines.methods as baselines  # noqa: E402
 from cache.store import open_cache  # noqa: E402
-from heads.exits import exit_decision, exit_distribution  # noqa: E402
-from heads.train import TrainSettings, make_train_data, warmup  # noqa: E402
+from heads.model.exits import exit_decision, exit_distribution  # noqa: E402
+from heads.train.bilevel import TrainSettings, make_train_data, warmup  # noqa: E402
 
 
 def product_distribution(g: torch.Tensor) -> torch.Tensor:

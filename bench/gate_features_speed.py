@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What a thread-pool launch costs: heads.gate_features' serial and parallel kernels by input size, with numba's
+"""What a thread-pool launch costs: heads.model.gate_features' serial and parallel kernels by input size, with numba's
 thread count matched to torch's (heads.cpu.match_torch_threads) and, for one row, left at numba's default.
 
     python bench/gate_features_speed.py               # torch threads 2 (numba follows)
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
 
 from heads import cpu  # noqa: E402
-from heads.gate_features import _features_parallel, _features_serial  # noqa: E402
+from heads.model.gate_features import _features_parallel, _features_serial  # noqa: E402
 
 
 def median_ms(fn, *args) -> float:

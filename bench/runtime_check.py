@@ -13,9 +13,9 @@ import torch
 import extract  # noqa: F401  (torchvision guard before timm)
 from cache.store import open_cache
 from extract.datasets import load_splits
-from heads.exits import exit_decision, exit_distribution
-from heads import rundir
-from heads.runtime import EarlyExitModel, data_settings, select_trial, trial_heads
+from heads.model.exits import exit_decision, exit_distribution
+from heads.results import rundir
+from deploy.runtime import EarlyExitModel, data_settings, select_trial, trial_heads
 
 
 def main():

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from heads.runtime import EarlyExitModel  # noqa: E402
+from deploy.runtime import EarlyExitModel  # noqa: E402
 from runtime_speed import test_images  # noqa: E402
 
 

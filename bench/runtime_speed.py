@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does the early-exit runtime really save time? Images per second of heads.runtime.EarlyExitModel against the
+"""Does the early-exit runtime really save time? Images per second of deploy.runtime.EarlyExitModel against the
 plain full backbone and against the blocks-only limit, on the CPU, at batch 1 and batch 64, in both thread
 configurations (OMP_NUM_THREADS unset, and 1).
 
@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
 
 import extract  # noqa: E402,F401  (before timm/torchvision: see extract/_torchvision.py)
-from heads.runtime import EarlyExitModel, RuntimeSettings, data_settings  # noqa: E402
+from deploy.runtime import EarlyExitModel, RuntimeSettings, data_settings  # noqa: E402
 
 BATCHES = (1, 64)
 THREAD_CONFIGS = {"unset": None, "1": "1"}   # OMP_NUM_THREADS of each child process
@@ -83,8 +83,8 @@ def synthetic_model(name: str, img_size: int, num_classes: int, x: torch.Tensor)
     the middle third of the exits (closed before it, open at its end)."""
     from extract.backbones import load_backbone
     from extract.costs import exit_costs
-    from heads.evaluate import Calibration
-    from heads.model import StackedHeads
+    from heads.evaluation.evaluate import Calibration
+    from heads.model.stack import StackedHeads
 
     torch.manual_seed(0)
     bb = load_backbone(name, None, num_classes=num_classes, img_size=img_size)

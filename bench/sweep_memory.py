@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 from bench.sweep_speed import FULL, SMALL  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from cache.store import open_cache  # noqa: E402
-from heads.stream import MemorySettings  # noqa: E402
-from heads.sweep import SweepSettings, parse_lambdas, run_sweep  # noqa: E402
-from heads.train import TrainSettings  # noqa: E402
+from heads.train.stream import MemorySettings  # noqa: E402
+from heads.sweep.sweep import SweepSettings, parse_lambdas, run_sweep  # noqa: E402
+from heads.train.bilevel import TrainSettings  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -40,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--max-epochs", type=int, default=3, help="epochs do not change the memory; keep it short")
     parser.add_argument("--lambdas", default="0.01:10")
     parser.add_argument("--memory-budget", type=float, default=None,
-                        help="GB stage two may hold (heads/stream.py): splits that do not fit stream from the store")
+                        help="GB stage two may hold (heads/train/stream.py): splits that do not fit stream from the store")
     args = parser.parse_args(argv)
     shape = SMALL if args.small else FULL
     cache = Path(args.workdir) / ("small.zarr" if args.small else "bench.zarr")

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 from cache.store import open_cache  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from heads.cpu import use_threads  # noqa: E402
-from heads.sweep import Session, SweepSettings, parse_lambdas, run_sweep  # noqa: E402
-from heads.train import TrainSettings, train_stack  # noqa: E402
+from heads.sweep.sweep import Session, SweepSettings, parse_lambdas, run_sweep  # noqa: E402
+from heads.train.bilevel import TrainSettings, train_stack  # noqa: E402
 
 FULL = {"train": 40_000, "val": 10_000, "test": 10_000, "exits": 14, "dim": 384, "classes": 100}
 SMALL = {"train": 2_000, "val": 600, "test": 600, "exits": 6, "dim": 64, "classes": 20}

@@ -4,7 +4,7 @@
     python bench/warmup_curve.py --cache cache/demo-lite0-fmnist64.zarr --epochs 40 --lrs 0.01,0.003,0.001
 
 Prints, per lr, the test accuracy of every IM at a few epochs (each IM at its best V2 epoch so far, as the warm-up
-keeps it) and, for patience 2-5, the epoch at which `heads.train.warmup` would stop and the IMs' mean test accuracy
+keeps it) and, for patience 2-5, the epoch at which `heads.train.bilevel.warmup` would stop and the IMs' mean test accuracy
 there. One torch thread (the warm-up's own speed is not what this measures).
 """
 import argparse
@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.store import open_cache  # noqa: E402
-from heads.model import StackedHeads  # noqa: E402
-from heads.train import WARMUP_MIN_GAIN, TrainSettings, make_train_data, warmup  # noqa: E402
+from heads.model.stack import StackedHeads  # noqa: E402
+from heads.train.bilevel import WARMUP_MIN_GAIN, TrainSettings, make_train_data, warmup  # noqa: E402
 
 
 def main():

@@ -33,7 +33,7 @@ def cache_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info_cmd(cache, as_json):
     """Manifest summary, sizes on disk, and the exits with their dims and cumulative Mul-Adds."""
-    from .store import CacheError, RawStore, staging_path
+    from cache.store import CacheError, RawStore, staging_path
     if not cache.exists() and staging_path(cache).exists():
         cache = staging_path(cache)   # an HDF5 cache still being extracted: show its staging store
     try:
@@ -78,13 +78,13 @@ def info_cmd(cache, as_json):
 def verify_cmd(cache, seal):
     """Complete flag, manifest, costs, every chunk written and matching its checksum, no NaN/Inf, labels in
     range; exit status 1 on any problem (a rerun of the extract command re-extracts bad chunks)."""
-    from .verify import seal_cache, verify_cache
+    from cache.verify import seal_cache, verify_cache
     problems = seal_cache(cache) if seal else verify_cache(cache)
     if problems:
         for p in problems:
             click.echo(f"problem: {p}", err=True)
         raise click.exceptions.Exit(1)
-    from .store import RawStore
+    from cache.store import RawStore
     store = RawStore(cache)
     store.close()
     old = store.attrs.get("format_version", 0) < 2

@@ -57,7 +57,7 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
 
     from cache.store import CacheError
     from torchrun import OtherRankFailed
-    from .run import ExtractionError, ExtractSettings, run_extraction
+    from extract.run import ExtractionError, ExtractSettings, run_extraction
     try:
         settings = ExtractSettings(
             backbone=backbone, dataset=dataset, weights=weights, data_dir=data_dir, img_size=img_size,
@@ -91,7 +91,7 @@ def extract_cmd(backbone, weights, dataset, data_dir, download, img_size, num_cl
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON object instead of a table.")
 def costs_cmd(backbone, num_classes, img_size, tokens, as_json):
     """Cumulative Mul-Adds at every exit: backbone alone, and with the IMs and gates of the exits passed."""
-    from .costs import backbone_costs, format_costs
+    from extract.costs import backbone_costs, format_costs
     try:
         costs = backbone_costs(backbone, num_classes, img_size, tokens=tokens)
     except ValueError as err:

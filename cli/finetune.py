@@ -6,7 +6,7 @@
 """
 import click
 
-from .cli import source_options
+from cli.extract import source_options
 
 
 @click.command("finetune")
@@ -42,7 +42,7 @@ def finetune_cmd(**options):
     """Fine-tune a pretrained backbone and a new head on the dataset's train split (SGD, cosine schedule)."""
     import torch
 
-    from .finetune import FinetuneSettings, run_finetune
+    from extract.finetune import FinetuneSettings, run_finetune
     try:
         settings = FinetuneSettings(**options)
     except ValueError as err:

@@ -7,7 +7,7 @@
     python pipeline.py report  RUN [--lam 1.0]
 
 --cache may be left out when exactly one complete cache exists under cache/; --out defaults to
-runs/<command>-<settings hash>. The training options mirror heads.train.TrainSettings (appendix 9.1.2 defaults);
+runs/<command>-<settings hash>. The training options mirror heads.train.bilevel.TrainSettings (appendix 9.1.2 defaults);
 torch and the training code are imported only when a command runs.
 """
 import math
@@ -110,7 +110,7 @@ def _train_settings(kwargs: dict, cache_path):
     import torch
 
     from cache.store import CacheError, open_cache
-    from heads.train import DEFAULT_RECIPE, PAPER_DATASET_DEFAULTS, RECIPES, TrainSettings
+    from heads.train.bilevel import DEFAULT_RECIPE, PAPER_DATASET_DEFAULTS, RECIPES, TrainSettings
     from heads.cpu import use_threads
     recipe = RECIPES[kwargs.pop("recipe", None) or DEFAULT_RECIPE]
     threads = kwargs.pop("threads", None)
@@ -142,7 +142,7 @@ def _train_settings(kwargs: dict, cache_path):
 
 def _memory(kwargs: dict):
     """MemorySettings from --memory-budget and --stream/--resident (removed from kwargs)."""
-    from heads.stream import MemorySettings
+    from heads.train.stream import MemorySettings
     stream = kwargs.pop("stream")
     return MemorySettings({None: "auto", True: "stream", False: "resident"}[stream], kwargs.pop("memory_budget"))
 
@@ -171,11 +171,11 @@ def _cache(path):
 
 
 def _parsed(parse, hint):
-    """A click callback that parses with heads.sweep's parser and turns its ValueError into a usage error."""
+    """A click callback that parses with heads.sweep.sweep's parser and turns its ValueError into a usage error."""
     def callback(ctx, param, value):
         if value is None:
             return None
-        from heads import sweep
+        from heads.sweep import sweep
         count = str(value).split(":")[2:3]
         if count and count[0].strip().isdigit() and int(count[0]) > MAX_LAMBDAS:   # before allocating them
             raise click.BadParameter(f"{value!r}: at most {MAX_LAMBDAS} lambdas", param_hint=hint)
@@ -226,7 +226,7 @@ def _one_process(command: str):
 def _summarise(result):
     if result is None:        # a torchrun rank other than 0: rank 0 writes and prints the run
         return
-    from heads.report import results_table
+    from heads.results.report import results_table
     click.echo(results_table(result.rows))
     for line in result.warnings:
         click.echo(f"warning: {line}", err=True)
@@ -246,7 +246,7 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     cache_path = _cache(cache_path)
     memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
-    from heads.sweep import SweepSettings, run_sweep
+    from heads.sweep.sweep import SweepSettings, run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
                                     command="train", overwrite=overwrite, progress=progress, log=click.echo,
                                     memory=memory))
@@ -265,7 +265,7 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
 @_options(TRAIN_OPTIONS)
 def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train every lambda (x every grid combination) in one stacked pass, select per lambda on V2, record all."""
-    from heads.sweep import SweepSettings, check_grid, grid_items, parse_grid, run_sweep
+    from heads.sweep.sweep import SweepSettings, check_grid, grid_items, parse_grid, run_sweep
     try:
         items = grid_items(parse_grid(grid))
     except ValueError as err:
@@ -295,7 +295,7 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     """The most accurate model on V2 that spends --target-cost: the lambda sweep, each selected model's gates given
     per-exit thresholds fitted on V1 to that budget."""
     _one_process("fit")
-    from heads.fit import FitSettings, fit_target_cost
+    from heads.sweep.fit import FitSettings, fit_target_cost
     try:
         fit = FitSettings(target_cost, lambdas, thresholds)
     except ValueError as err:
@@ -318,7 +318,7 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
 
 
 def _methods(ctx, param, value):
-    from heads.compare import parse_methods
+    from heads.sweep.compare import parse_methods
     try:
         return parse_methods(value)
     except ValueError as err:
@@ -326,9 +326,9 @@ def _methods(ctx, param, value):
 
 
 def _matched(rows, run, split):
-    """Prints the matched-cost table (heads/matched.py) and writes it to RUN; returns it."""
-    from heads.matched import matched_costs, matched_table
-    from heads.rundir import MATCHED, write_csv
+    """Prints the matched-cost table (heads/results/matched.py) and writes it to RUN; returns it."""
+    from heads.results.matched import matched_costs, matched_table
+    from heads.results.rundir import MATCHED, write_csv
     table = _run(lambda: matched_costs(rows, split))
     click.echo(matched_table(table))
     write_csv(Path(run) / MATCHED, table)
@@ -350,7 +350,7 @@ def _matched(rows, run, split):
 def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
     _one_process("compare")
-    from heads.compare import CompareSettings, run_compare
+    from heads.sweep.compare import CompareSettings, run_compare
     cache_path = _cache(cache_path)
     memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
@@ -372,8 +372,8 @@ def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, threshol
 def report_cmd(run, lam, split, plots):
     """Print the results and matched-cost tables of a run directory and write its plots (figures 2, 3, 5, and 9
     for a compare run)."""
-    from heads.report import results_table, write_compare_plots, write_plots
-    from heads.rundir import read_results
+    from heads.results.report import results_table, write_compare_plots, write_plots
+    from heads.results.rundir import read_results
     try:
         rows, settings = read_results(run)
     except (FileNotFoundError, ValueError) as err:

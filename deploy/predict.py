@@ -1,4 +1,4 @@
-"""`predict`: classify image files with a trained run, exiting early for real (heads/runtime.py).
+"""`predict`: classify image files with a trained run, exiting early for real (deploy/runtime.py).
 
     python pipeline.py predict --run RUN --lam 0.5 shoe.png shirt.png
 
@@ -31,7 +31,7 @@ def predict_cmd(run_dir, lam, threshold, alpha, conformal, cache_path, batch_siz
     """Predict the class of IMAGE files with the early-exit network of a run."""
     import torch
 
-    from heads.runtime import EarlyExitModel, RuntimeSettings, image_batch
+    from deploy.runtime import EarlyExitModel, RuntimeSettings, image_batch
 
     if batch_size < 1:
         raise click.UsageError(f"--batch-size must be >= 1, got {batch_size}")

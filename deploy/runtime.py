@@ -23,20 +23,20 @@ runtime against the blocks alone, run up to each sample's exit. What remains at 
 per exit (one torch reduction, kept because the cache holds torch's rounding of it): work between two blocks
 costs several times what it costs in a tight loop (caches the blocks left cold; bench/README.md).
 
-Identical to the simulation. Stage two (heads/sweep.py) computes every exit of every sample from the cache and
+Identical to the simulation. Stage two (heads/sweep/sweep.py) computes every exit of every sample from the cache and
 picks the exit afterwards; here the same numbers must come out of the live backbone. Three things make them agree:
 - Rounding: the cache stores representations and backbone logits as float16 (extract/run.py). The live backbone
   computes float32, so every representation (and the backbone head's logits) is rounded to float16 and back
   before the IM reads it, exactly as the cache did (the kernel's _round_to_half is x.half().float(), tested bit
   for bit). Without that, a gate near its threshold or two near-equal logits could decide differently from what
   the run's evaluation recorded.
-- The same arithmetic: the gate statistics are those of heads.gate_features' kernel, which the simulation used;
+- The same arithmetic: the gate statistics are those of heads.model.gate_features' kernel, which the simulation used;
   the gate is StackedHeads.gate_logits' sum of products (in its order) and sigmoid; P(G|x) and P(E^l|x) are
   exits.ExitRule, the arithmetic of exit_distribution and exit_probabilities on the gates seen so far (the first l
   entries of P(G|x) only depend on the first l gates). The kernel's IM product and softmax sum in their own
   order, not BLAS's and torch's: the logits can differ from StackedHeads.im_logits' in float32 last bits.
 - The same calibration: temperature and conformal thresholds are fitted on V2 of the run's cache with
-  heads.evaluate.calibrate, from the exits the simulation takes at this threshold.
+  heads.evaluation.evaluate.calibrate, from the exits the simulation takes at this threshold.
 What can still differ, at float-rounding level: the backbone's float32 output of a sample may depend on the batch
 it runs in (BLAS / oneDNN blocking), which can move a feature across a float16 rounding boundary; the logits'
 last bits (above); and P(E^l|x)
@@ -58,13 +58,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from heads import cpu, rundir
-from heads.evaluate import Calibration, ExitOutputs, calibrate, predict_with_sets
-from heads.exits import ExitRule, exit_decision, exit_distribution, exit_rule_row
-from heads.gate_features import gate_features_torch, row_features
-from heads.metrics import CONFORMAL_METHODS
-from heads.model import StackedHeads, gate_pre_activation
-from heads.train import v1_v2_rows
+from heads import cpu
+
+from heads.results import rundir
+from heads.evaluation.evaluate import Calibration, ExitOutputs, calibrate, predict_with_sets
+from heads.model.exits import ExitRule, exit_decision, exit_distribution, exit_rule_row
+from heads.model.gate_features import gate_features_torch, row_features
+from heads.evaluation.metrics import CONFORMAL_METHODS
+from heads.model.stack import StackedHeads, gate_pre_activation
+from heads.train.bilevel import v1_v2_rows
 
 CACHE_DTYPE = torch.float16   # what the cache stores features and logits as (cache/store.py)
 GRAYSCALE_DATASETS = ("fashion-mnist",)   # stored as one channel; extract.datasets feeds it to all three
@@ -375,7 +377,7 @@ def _head_row(z, i, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, t
 @numba.njit(cache=True, error_model="numpy")   # x / 0 gives inf or nan as in torch, instead of raising
 def _exit_head_kernel(z, im_weight, im_bias, gate_weight, gate_bias, l, mass, left, threshold):
     """EarlyExitModel._exit_head on the CPU, serial (no thread pool): z rounded as the cache stored it, IM
-    logits, softmax, the gate statistics (heads.gate_features' row code), g^l and eq. 4 (heads.exits'
+    logits, softmax, the gate statistics (heads.model.gate_features' row code), g^l and eq. 4 (heads.model.exits'
     exit_rule_row), in float32 where torch computes float32. The product and the softmax sum in their own order
     (a float32 last bit apart from torch's; see the module docstring on what that can change)."""
     n = z.shape[0]
@@ -408,7 +410,7 @@ SET_MARGIN = 1e-5   # _finish_kernel: a score this close to its threshold is lef
 
 @numba.njit(inline="always")
 def _softmax_row(z, i, temperature, out):
-    """out[:] = heads.metrics.softmax of row i of z at `temperature` (float32), in float32 like numpy's."""
+    """out[:] = heads.evaluation.metrics.softmax of row i of z at `temperature` (float32), in float32 like numpy's."""
     k = z.shape[1]
     top = z[i, 0] / temperature
     for c in range(k):
@@ -424,7 +426,7 @@ def _softmax_row(z, i, temperature, out):
 
 @numba.njit(cache=True)
 def _finish_kernel(z, exits, temperature, thresholds, prediction, probs, sets):
-    """heads.evaluate.predict_with_sets into the given arrays, in one serial call: prediction, probabilities at
+    """heads.evaluation.evaluate.predict_with_sets into the given arrays, in one serial call: prediction, probabilities at
     `temperature`, sets {k : 1 - p_k <= threshold of the exit}. The exp here is not numpy's, so a probability can
     differ from predict_with_sets' in the last bits: where a score lies within SET_MARGIN of its threshold (or a
     logit is not finite) the set could differ, and the kernel returns False for the caller to use
@@ -470,7 +472,7 @@ def trial_heads(run_dir, trial_id: int) -> StackedHeads:
 
 def v2_outputs(cache, heads: StackedHeads, threshold: float = 0.5) -> ExitOutputs:
     """The model's outputs on V2, the second half of the cache's val split in stored order (the split
-    heads.train.make_train_data makes), with the exits the simulation takes at `threshold`."""
+    heads.train.bilevel.make_train_data makes), with the exits the simulation takes at `threshold`."""
     val = cache.load_split("val")
     half = v1_v2_rows(len(val.labels))[1][0]
     feats = [f[half:].contiguous() for f in val.features]

@@ -44,7 +44,7 @@ def extraction(args, pause_per_chunk: float = 0.0):
 def sweep(args, pause: float = 0.0):
     """`sweep args` (or any stage-two command) with a pause before training."""
     if pause:
-        from heads import sweep as module
+        from heads.sweep import sweep as module
         train_groups = module.train_groups
 
         def slow(*a, **kw):

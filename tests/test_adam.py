@@ -1,8 +1,8 @@
-"""heads.adam.StackedAdam: every backend is torch.optim.Adam per trial, and keep() continues the kept trials."""
+"""heads.train.adam.StackedAdam: every backend is torch.optim.Adam per trial, and keep() continues the kept trials."""
 import pytest
 import torch
 
-from heads.adam import StackedAdam
+from heads.train.adam import StackedAdam
 
 
 def _run(backend, lrs, wds, trial_dim, steps=12, keep_after=None):

@@ -1,21 +1,21 @@
-"""Baselines and ablations (heads/thresholds.py, heads/baselines.py) on tiny synthetic cached features."""
+"""Baselines and ablations (heads/baselines/thresholds.py, heads/baselines/methods.py) on tiny synthetic cached features."""
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from heads.baselines import (
+from heads.baselines.methods import (
     LAMBDA_METHODS, METHODS, BaselineSettings, WeightPredictionNet, boosted_ensemble, diffbranch_loss,
     l2w_weights, run_baselines, split_logits, train_boosted, train_fixed_ims, train_l2w,
 )
-from heads.evaluate import evaluate
-from heads.model import StackedHeads
-from heads.thresholds import (
+from heads.evaluation.evaluate import evaluate
+from heads.model.stack import StackedHeads
+from heads.baselines.thresholds import (
     DEFAULT_P_GRID, budget_fractions, exit_by_thresholds, fit_thresholds, max_softmax, threshold_sweep,
 )
-from heads.kernels import exit_cross_entropy
-from heads.train import SplitTensors, TrainData, TrainSettings, seed_streams, warmup
+from heads.train.kernels import exit_cross_entropy
+from heads.train.bilevel import SplitTensors, TrainData, TrainSettings, seed_streams, warmup
 
 DIMS = [5, 6, 6, 7]
 K = 3
@@ -147,8 +147,8 @@ def test_fixed_ims_leave_im_weights_bit_identical():
 def test_fixed_ims_is_jei_exactly_when_jei_never_switches():
     """compare re-uses JEI-DNN's models as fixed-ims when fixed_ims_is_jei says so: then train_stack with the
     settings themselves trains exactly the fixed-ims models; with a bi_switch inside the phase it is not so."""
-    from heads.baselines import fixed_ims_is_jei
-    from heads.train import train_stack
+    from heads.baselines.methods import fixed_ims_is_jei
+    from heads.train.bilevel import train_stack
     data, _ = _data(frozen_last=True)
     never = dataclasses.replace(SETTINGS, bi_switch=1 << 40)
     assert fixed_ims_is_jei(data, never) and not fixed_ims_is_jei(data, SETTINGS)
@@ -234,7 +234,7 @@ def test_run_baselines_rejects_bad_requests():
 
 
 def test_budget_for_cost_spends_at_most_the_target_even_with_tied_confidences():
-    from heads.thresholds import budget_for_cost
+    from heads.baselines.thresholds import budget_for_cost
     g = torch.Generator().manual_seed(0)
     conf = torch.rand(2000, 5, generator=g, dtype=torch.float64)
     conf[:600, :3] = 1.0                                  # saturated gates: ties at the early exits
@@ -249,7 +249,7 @@ def test_budget_for_cost_spends_at_most_the_target_even_with_tied_confidences():
 
 
 def test_shared_threshold_for_cost_moves_the_gates_own_rule_to_the_target():
-    from heads.thresholds import shared_threshold_for_cost
+    from heads.baselines.thresholds import shared_threshold_for_cost
     g = torch.Generator().manual_seed(1)
     conf = torch.rand(2000, 5, generator=g, dtype=torch.float64)
     conf[:, -1] = 1.0
@@ -268,7 +268,7 @@ def test_shared_threshold_for_cost_moves_the_gates_own_rule_to_the_target():
 def test_l2w_closed_form_meta_gradient_equals_autograd_through_the_gradient(frozen_last):
     """The WPN gradient of the meta objective, closed form (l2w_meta_gradient), equals differentiating the
     look-ahead step's own autograd gradient (create_graph), L2W-DEN's usual implementation; likewise the IM step."""
-    from heads.baselines import (_budget_loss, _weighted_ce_grads, _weighted_loss, l2w_meta_gradient,
+    from heads.baselines.methods import (_budget_loss, _weighted_ce_grads, _weighted_loss, l2w_meta_gradient,
                                  l2w_residual)
     data, _ = _data(frozen_last=frozen_last)
     bs = BaselineSettings()
@@ -299,7 +299,7 @@ def test_l2w_closed_form_meta_gradient_equals_autograd_through_the_gradient(froz
 @pytest.mark.parametrize("frozen_last", [True, False])
 def test_boosted_closed_form_grads_equal_autograd(frozen_last):
     """boosted_grads = autograd of sum over trained exits of CE(y, o_s + gamma sg(F_{s-1})), batch mean."""
-    from heads.baselines import boosted_grads
+    from heads.baselines.methods import boosted_grads
     data, _ = _data(frozen_last=frozen_last)
     heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
     feats, labels, last = data.train.rows(torch.arange(0, 30))

@@ -10,7 +10,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from cache.cli import cache_group
+from cli.cache import cache_group
 from cache.store import (CacheError, create_or_resume, find_default_cache, fingerprint, open_cache,
                          staging_path)
 from cache.verify import verify_cache

@@ -11,23 +11,23 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import heads.compare as compare_module
+import heads.sweep.compare as compare_module
 import torch
 from cache.synthetic import write_synthetic_cache
-from heads import rundir
-from heads.baselines import LAMBDA_METHODS, METHODS
-from heads.cli import COMMANDS
+from heads.results import rundir
+from heads.baselines.methods import LAMBDA_METHODS, METHODS
+from cli.heads import COMMANDS
 from cache.store import open_cache
-from heads.compare import BUDGET_METHOD, COMPARE_METHODS, CompareSettings, parse_methods, run_compare
-from heads.matched import (
+from heads.sweep.compare import BUDGET_METHOD, COMPARE_METHODS, CompareSettings, parse_methods, run_compare
+from heads.results.matched import (
     MATCHED_COSTS, area_under, common_range, envelope_at, matched_costs, matched_table, upper_envelope,
 )
-from heads.report import best_baseline
-from heads.sweep import SweepSettings, run_sweep
-from heads.exits import exit_distribution, exit_probabilities
-from heads.model import StackedHeads
-from heads.thresholds import DEFAULT_P_GRID, exit_by_thresholds
-from heads.train import TrainSettings, default_settings
+from heads.results.report import best_baseline
+from heads.sweep.sweep import SweepSettings, run_sweep
+from heads.model.exits import exit_distribution, exit_probabilities
+from heads.model.stack import StackedHeads
+from heads.baselines.thresholds import DEFAULT_P_GRID, exit_by_thresholds
+from heads.train.bilevel import TrainSettings, default_settings
 
 SIZES = {"train": 96, "val": 64, "test": 48}
 N_EXITS = 3

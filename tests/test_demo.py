@@ -3,9 +3,9 @@ import click
 import pytest
 import torch
 
-from heads import demo
-from heads.engine import pos_weight_from_counts
-from heads.train import TrainSettings
+from cli import demo
+from heads.train.engine import pos_weight_from_counts
+from heads.train.bilevel import TrainSettings
 
 
 def test_missing_fashion_mnist_says_what_to_do(tmp_path, monkeypatch):

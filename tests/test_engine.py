@@ -1,15 +1,15 @@
-"""The hand-written training step (heads.engine, heads.kernels) against autograd on heads.train's losses, the numba
+"""The hand-written training step (heads.train.engine, heads.train.kernels) against autograd on heads.train.bilevel's losses, the numba
 kernels against their torch versions, and trial removal."""
 import pytest
 import torch
 
-from heads.engine import StackEngine
-from heads.exits import exit_decision, exit_distribution
-from heads.gate_features import gate_features_torch
-from heads.adam import StackedAdam, adam_update, adam_update_torch
-from heads.kernels import softmax_stats, softmax_stats_torch, weighted_ce_grad, weighted_ce_grad_torch
-from heads.model import StackedHeads
-from heads.train import SplitTensors, classifier_loss, exited_metrics, gate_loss, warmup_loss
+from heads.train.engine import StackEngine
+from heads.model.exits import exit_decision, exit_distribution
+from heads.model.gate_features import gate_features_torch
+from heads.train.adam import StackedAdam, adam_update, adam_update_torch
+from heads.train.kernels import softmax_stats, softmax_stats_torch, weighted_ce_grad, weighted_ce_grad_torch
+from heads.model.stack import StackedHeads
+from heads.train.bilevel import SplitTensors, classifier_loss, exited_metrics, gate_loss, warmup_loss
 
 
 def logits_with_ties(shape, seed=0):
@@ -35,7 +35,7 @@ def test_softmax_stats_kernel_equals_torch(gated):
     torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(out[2], ref[2])
     if gated:
-        # the torch reference is heads.gate_features' own statistics on the same probabilities
+        # the torch reference is heads.model.gate_features' own statistics on the same probabilities
         torch.testing.assert_close(ref[0], gate_features_torch(p.permute(2, 1, 0, 3)[:, :, :gated]))
         assert out[0][0, 0, 0, 3] == 0 and out[2][0, 0, 0] == 0        # the tie
 
@@ -253,9 +253,9 @@ def test_forward_checks_its_inputs():
 
 def test_torch_kernels_train_like_the_numba_ones(monkeypatch):
     """The path a GPU takes (every kernel in torch, per-trial Adam in torch), run on the CPU: same training."""
-    import heads.adam as adam_module
-    import heads.engine as engine_module
-    import heads.kernels as kernels
+    import heads.train.adam as adam_module
+    import heads.train.engine as engine_module
+    import heads.train.kernels as kernels
 
     def steps(engine, feats, labels, last):
         lam, ic = torch.tensor([0.1, 1.0]), torch.tensor([0.25, 0.5, 0.75, 1.0])

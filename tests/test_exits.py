@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from heads.exits import ExitRule, exit_decision, exit_distribution, exit_probabilities, gate_targets
+from heads.model.exits import ExitRule, exit_decision, exit_distribution, exit_probabilities, gate_targets
 
 
 def test_exit_distribution_hand_made():

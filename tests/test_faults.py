@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from cache.synthetic import write_synthetic_cache
 from cache.lock import lock_path
-from clierrors import Group
+from cli.errors import Group
 import procs
-from heads import rundir
+from heads.results import rundir
 from pipeline import cli
 
 SIZES = {"train": 96, "val": 64, "test": 48}
@@ -186,7 +186,7 @@ def test_overwrite_removes_the_old_runs_files_and_report_refuses_a_killed_overwr
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs and (out / rundir.MATCHED).exists()
     # An overwrite with other settings killed mid-way: nothing of the old run may be shown as the new one's.
-    from heads import sweep
+    from heads.sweep import sweep
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

@@ -14,7 +14,7 @@ from extract import finetune
 from extract.backbones import load_backbone
 from extract.finetune import (FinetuneSettings, make_augment, pad_crop_flip, read_finetune_checkpoint,
                               run_finetune)
-from extract.finetune_cli import finetune_cmd
+from cli.finetune import finetune_cmd
 
 K, PER_CLASS, BATCH, EPOCHS = 3, 20, 8, 2
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from heads import gate_features as gf
-from heads.gate_features import gate_features_numpy, gate_features_torch
+from heads.model import gate_features as gf
+from heads.model.gate_features import gate_features_numpy, gate_features_torch
 
 
 def _softmax(z):
@@ -91,7 +91,7 @@ def test_rejects_single_class():
 def test_torch_gradients_equal_autograd_through_cumsum():
     """The in-order sum's own backward gives exactly the gradient autograd through torch.cumsum gives, and the
     statistics' gradient matches finite differences."""
-    from heads.gate_features import _sum_in_order
+    from heads.model.gate_features import _sum_in_order
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     up = torch.randn(3, 5, dtype=torch.float64, generator=gen)
@@ -108,7 +108,7 @@ def test_cpu_kernel_gradient_equals_the_torch_path(dtype):
     """gate_features with a gradient on the CPU (the kernels) = gate_features_torch, and the gradients they send
     back through the softmax agree, on ordinary rows, rows whose softmax has exact zeros and saturated rows (the
     entry a tie among zeros passes the margin's gradient to differs between the two, and the softmax drops it)."""
-    from heads.gate_features import gate_features
+    from heads.model.gate_features import gate_features
     gen = torch.Generator().manual_seed(7)
     z = torch.randn(3, 5, 11, generator=gen, dtype=dtype) * torch.tensor([1.0, 4.0, 30.0], dtype=dtype)[:, None, None]
     z[0, 0, :4] -= 2000.0                        # four exact zeros

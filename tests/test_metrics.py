@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from heads.evaluate import Calibration, ExitOutputs, calibrate, evaluate, predict_with_sets
-from heads.metrics import (
+from heads.evaluation.evaluate import Calibration, ExitOutputs, calibrate, evaluate, predict_with_sets
+from heads.evaluation.metrics import (
     CONFORMAL_METHODS, GATED_MIN_SAMPLES, bootstrap_ci, conformal_coverage, conformal_sets, conformal_threshold,
     conformal_thresholds, expected_calibration_error, fit_temperature, reported_conformal, softmax,
 )
@@ -226,7 +226,7 @@ def test_fit_temperature_stops_once_newton_has_converged(monkeypatch):
     bracket's lower end, and a strict bracket test used to send it bisecting towards T = 100 and back (on real
     K = 100 outputs ~18 passes over the logits per fit instead of ~7). A linear derivative with its root at
     beta = 0.75 makes Newton exact in one step."""
-    import heads.metrics as metrics
+    import heads.evaluation.metrics as metrics
     calls = []
 
     def linear(z, zy, beta):

@@ -95,3 +95,23 @@ def test_environment_is_conda_forge_plus_the_cuda_wheel_index_the_makefile_sugge
 def test_minimums_cover_the_apis_used(name, first, before):
     spec = _pyproject_requirements()[name]
     assert Version(first) in spec and Version(before) not in spec, spec
+
+
+def test_console_command_is_the_pipeline_group():
+    """`jei-dnn` (pyproject's console script) is `python pipeline.py`, and pip installs every package."""
+    import importlib
+    import subprocess
+    import sys
+
+    import pipeline
+
+    module, attr = _pyproject()["project"]["scripts"]["jei-dnn"].split(":")
+    assert getattr(importlib.import_module(module), attr) is pipeline.cli
+    include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert packages == {name.rstrip("*") for name in include}
+    exe = Path(sys.executable).parent / "jei-dnn"
+    if exe.exists():          # `make install` installed the project (pip install -e): the command runs the group
+        run = [subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+               for cmd in ([str(exe), "--help"], [sys.executable, "pipeline.py", "--help"])]
+        assert run[0] == run[1] and "sweep" in run[0]

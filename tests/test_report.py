@@ -4,11 +4,11 @@ import pytest
 from click.testing import CliRunner
 
 from cache.synthetic import write_synthetic_cache
-from heads.cli import report_cmd
-from heads.report import curves, decomposition_row, results_table, write_plots
-from heads.rundir import read_results
-from heads.sweep import SweepSettings, run_sweep
-from heads.train import TrainSettings
+from cli.heads import report_cmd
+from heads.results.report import curves, decomposition_row, results_table, write_plots
+from heads.results.rundir import read_results
+from heads.sweep.sweep import SweepSettings, run_sweep
+from heads.train.bilevel import TrainSettings
 
 PNGS = ("accuracy_vs_cost.png", "ece_vs_cost.png", "inefficiency_vs_cost.png", "alpha_vs_alpha.png",
         "exit_decomposition.png")

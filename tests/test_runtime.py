@@ -1,5 +1,5 @@
 """The early-exit runtime against stage two's simulation, end to end on tiny random timm models: a class-folder tree
-of PNGs -> extract.run -> heads.sweep (two lambdas) -> EarlyExitModel on the same test images. Its exits and
+of PNGs -> extract.run -> heads.sweep.sweep (two lambdas) -> EarlyExitModel on the same test images. Its exits and
 predictions must be those the sweep's evaluation computed from the cache, whatever the batch; `predict` prints
 them for image files."""
 from pathlib import Path
@@ -15,14 +15,14 @@ import timm
 from cache.store import open_cache
 from extract.datasets import DEFAULT_DATA_DIRS, DataSettings, load_splits
 from extract.run import ExtractSettings, run_extraction
-from heads import rundir
-from heads.evaluate import calibrate, predict_with_sets
-from heads.exits import exit_decision, exit_distribution
-from heads.predict_cli import predict_cmd
-from heads.runtime import (EarlyExitModel, RuntimeSettings, backbone_from_manifest, data_settings, image_batch,
+from heads.results import rundir
+from heads.evaluation.evaluate import calibrate, predict_with_sets
+from heads.model.exits import exit_decision, exit_distribution
+from deploy.predict import predict_cmd
+from deploy.runtime import (EarlyExitModel, RuntimeSettings, backbone_from_manifest, data_settings, image_batch,
                            select_trial, trial_heads, v2_outputs)
-from heads.sweep import SweepSettings, run_sweep
-from heads.train import TrainSettings
+from heads.sweep.sweep import SweepSettings, run_sweep
+from heads.train.bilevel import TrainSettings
 
 K = 3
 PER_CLASS = 80        # imagefolder without val/: test 1/6, val 1/12 of the images (V2: 10 rows)
@@ -71,7 +71,7 @@ def run(request, tree):
 
 
 def simulated(cache_path, heads, threshold):
-    """What stage two computes for the test split (heads.sweep.Session.outputs + exit_decision): the exits and
+    """What stage two computes for the test split (heads.sweep.sweep.Session.outputs + exit_decision): the exits and
     the exited logits, and the labels."""
     with open_cache(cache_path) as cache:
         test = cache.load_split("test")

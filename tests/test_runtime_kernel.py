@@ -1,4 +1,4 @@
-"""The runtime's per-exit kernel (heads/runtime.py: _exit_head_kernel, one serial numba call per exit on the CPU)
+"""The runtime's per-exit kernel (deploy/runtime.py: _exit_head_kernel, one serial numba call per exit on the CPU)
 against the same steps in torch (_exit_head_torch, what other devices run), on a tiny random model; and its float16
 rounding against torch's. The end-to-end check, runtime = simulation on trained runs, is tests/test_runtime.py."""
 from unittest import mock
@@ -10,11 +10,11 @@ import torch
 
 import extract  # noqa: F401  (before timm: see extract/_torchvision.py)
 from extract.backbones import load_backbone
-from heads.evaluate import Calibration, predict_with_sets
-from heads.exits import ExitRule
-from heads.metrics import softmax
-from heads.model import StackedHeads
-from heads.runtime import EarlyExitModel, _finish_kernel, _round_to_half
+from heads.evaluation.evaluate import Calibration, predict_with_sets
+from heads.model.exits import ExitRule
+from heads.evaluation.metrics import softmax
+from heads.model.stack import StackedHeads
+from deploy.runtime import EarlyExitModel, _finish_kernel, _round_to_half
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,7 +102,7 @@ def test_batch_of_one_equals_batched_path(model, threshold):
 
 
 def test_finish_equals_predict_with_sets(model):
-    """_finish (the serial kernel) against heads.evaluate.predict_with_sets on 4000 rows of logits from 0.1 to 30
+    """_finish (the serial kernel) against heads.evaluation.evaluate.predict_with_sets on 4000 rows of logits from 0.1 to 30
     in scale, a temperature and a threshold per exit: the same predictions and sets, probabilities to float32
     rounding; rows with a score on its threshold or a non-finite logit go to predict_with_sets itself."""
     gen = torch.Generator().manual_seed(7)

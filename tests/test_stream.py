@@ -1,4 +1,4 @@
-"""Stage two past RAM (heads/stream.py): the documented streamed order, streamed training equal to resident
+"""Stage two past RAM (heads/train/stream.py): the documented streamed order, streamed training equal to resident
 training in that order, at most two buffers held, and the command-line options."""
 import json
 import time
@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from cache.synthetic import write_synthetic_cache
 from cache.store import open_cache
-from heads.stream import ChunkShuffle, MemorySettings, StreamedSplit, plan_memory
-from heads.sweep import Session, evaluate_group, expand_trials, train_groups
-from heads.train import TrainSettings
+from heads.train.stream import ChunkShuffle, MemorySettings, StreamedSplit, plan_memory
+from heads.sweep.sweep import Session, evaluate_group, expand_trials, train_groups
+from heads.train.bilevel import TrainSettings
 from pipeline import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from cache.synthetic import write_synthetic_cache
 from cache.store import open_cache
-from heads import rundir
-from heads.cli import COMMANDS
-from heads.sweep import lambda_range_warnings, parse_grid, parse_lambdas
+from heads.results import rundir
+from cli.heads import COMMANDS
+from heads.sweep.sweep import lambda_range_warnings, parse_grid, parse_lambdas
 
 SIZES = {"train": 96, "val": 64, "test": 48}
 N_EXITS = 3
@@ -236,7 +236,7 @@ def test_lambda_range_warnings():
 
 
 def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch):
-    import heads.sweep as sweep
+    import heads.sweep.sweep as sweep
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -261,7 +261,7 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
 
 
 def test_auto_lambdas_parse_and_bad_counts_are_one_line_errors():
-    from heads.sweep import AUTO_POINTS, AutoLambdas, parse_lambda_spec
+    from heads.sweep.sweep import AUTO_POINTS, AutoLambdas, parse_lambda_spec
     assert parse_lambda_spec("auto") == AutoLambdas(AUTO_POINTS)
     assert parse_lambda_spec(" AUTO:5 ") == AutoLambdas(5)
     assert parse_lambda_spec("0.1,1") == [0.1, 1.0]
@@ -297,7 +297,7 @@ def test_curves_in_the_first_pass_give_the_rows_of_a_separate_pass(tiny_cache, t
     """Without a grid the selected models' threshold curves come from the first evaluation pass; the run's rows
     are those of evaluating at 0.5 first and the curves of the selected trials after (row order aside). With a
     grid (not every trial selected) the curves still belong to the selected trials only."""
-    import heads.sweep as sweep
+    import heads.sweep.sweep as sweep
     settings = sweep.TrainSettings(max_epochs=3, batch_size=32, bi_switch=2, patience=2)
     job = sweep.SweepSettings((0.1, 1.0, 3.0), grid, (0.3, 0.7))
     fast = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "a", progress=False)

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from heads.exits import exit_decision, exit_distribution
-from heads.model import StackedHeads
-from heads.adam import StackedAdam
-from heads.train import (WARMUP_MIN_GAIN, SplitTensors, TrainData, TrainSettings, classifier_loss,
+from heads.model.exits import exit_decision, exit_distribution
+from heads.model.stack import StackedHeads
+from heads.train.adam import StackedAdam
+from heads.train.bilevel import (WARMUP_MIN_GAIN, SplitTensors, TrainData, TrainSettings, classifier_loss,
                          default_settings, gate_loss, make_train_data, train_stack, warmup, warmup_loss)
 
 
@@ -145,7 +145,7 @@ def test_stacked_adam_matches_torch_adam_per_trial():
 def test_stacked_adam_is_per_parameter_adam_update_bit_for_bit():
     """StackedAdam's multi-tensor step equals adam_update_torch applied parameter by parameter, exactly (several
     parameters, trial axes 0 and 1, an inactive trial, weight decay per trial)."""
-    from heads.adam import adam_scales, adam_update_torch
+    from heads.train.adam import adam_scales, adam_update_torch
     gen = torch.Generator().manual_seed(1)
     lr, wd = torch.tensor([0.01, 0.003, 0.02]), torch.tensor([5e-4, 0.0, 1e-3])
     params = [torch.randn(5, 3, 4, generator=gen), torch.randn(3, 4, generator=gen), torch.randn(3, 7, generator=gen)]
@@ -298,7 +298,7 @@ def test_auto_lambdas_span_the_cost_axis_on_planted_costs():
     """`--lambdas auto` on the planted problem: the smallest lambda's targets ask for the accurate routing (easy rows
     early, hard rows at the last exit) and its trained model routes so; the largest sends (almost) everything to
     exit 1 and its trained model does too."""
-    from heads.sweep import AUTO_FIRST_SHARE, AUTO_LOW_SLACK, auto_lambdas, target_cost
+    from heads.sweep.sweep import AUTO_FIRST_SHARE, AUTO_LOW_SLACK, auto_lambdas, target_cost
     data, easy = planted_data()
     settings = default_settings(lr=0.05, batch_size=32, warmup_epochs=40, max_epochs=44)
     warm = warmup(data, settings, trials=[{"lam": 1.0}])

@@ -1,6 +1,6 @@
 """The paper's baselines and ablations, trained from the same feature cache (and the same IMs) as JEI-DNN.
 
-    session = Session(cache, settings)                                   # heads/sweep.py: data, test, costs
+    session = Session(cache, settings)                                   # heads/sweep/sweep.py: data, test, costs
     points = run_baselines(session.data, session.test, ["threshold", "boosted", "l2w", "fixed-ims", "diffbranch"],
                            settings, lambdas=[0.01, 0.1, 1.0])
     for method, param, v2, test_out, extra in points:                     # MethodPoint named tuples
@@ -12,7 +12,7 @@ costs one copy of the logits per split.
 
 Methods (METHODS), each one MethodPoint per operating point (param = p of the budget grid, or lambda):
   threshold         IMs trained on every sample to convergence: the JEI-DNN warm-up (eq. 17) run for max_epochs,
-                    each IM kept at its best V2 accuracy; threshold gating (heads/thresholds.py), one point per p.
+                    each IM kept at its best V2 accuracy; threshold gating (heads/baselines/thresholds.py), one point per p.
   threshold-warmup  ablation 2 of appendix 9.6: threshold gating on exactly the IMs JEI-DNN starts its bi-level
                     phase from (the warm-up after warmup_epochs epochs).
   boosted           BoostedNet (Yu et al. 2023), see boosted_ensemble; threshold gating on the ensemble logits.
@@ -26,7 +26,7 @@ Training of the IM-only baselines (boosted, l2w) follows TrainSettings: Adam (lr
 at most max_epochs epochs, the state with the lowest V2 cross-entropy (summed over exits; for BoostedNet of the
 ensemble logits) kept, stopping after `patience` epochs without improvement. The exit-L head is the backbone's own
 (frozen) head unless the cache's head is not the task's, exactly as for JEI-DNN. Thresholds are fitted on V1,
-temperature and conformal thresholds on V2 by heads.evaluate, as in the paper (section 5).
+temperature and conformal thresholds on V2 by heads.evaluation.evaluate, as in the paper (section 5).
 
 extra of a point: {"train_seconds": wall time of the training that produced the point (shared by all points of a
 threshold-gated method), "epochs"}, plus {"p", "fractions", "thresholds", "v1_exit_hist"} for threshold gating,
@@ -43,15 +43,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from heads.evaluate import ExitOutputs
-from heads.exits import exit_costs, exit_decision, exit_distribution
-from heads.model import StackedHeads
-from heads.thresholds import (
+from heads.evaluation.evaluate import ExitOutputs
+from heads.model.exits import exit_costs, exit_decision, exit_distribution
+from heads.model.stack import StackedHeads
+from heads.baselines.thresholds import (
     DEFAULT_P_GRID, budget_fractions, budget_sweep, fit_thresholds, max_softmax, threshold_sweep,
 )
-from heads.adam import StackedAdam
-from heads.kernels import exit_cross_entropy
-from heads.train import (
+from heads.train.adam import StackedAdam
+from heads.train.kernels import exit_cross_entropy
+from heads.train.bilevel import (
     Split, TrainData, TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, split_outputs, train_stack,
     warmup,
 )
@@ -120,7 +120,7 @@ def split_logits(heads: StackedHeads, split: Split) -> torch.Tensor:
 
 
 class OneTrialAdam:
-    """update.apply(grads): one step of the project's Adam (heads.train.StackedAdam, as JEI-DNN) on params, one
+    """update.apply(grads): one step of the project's Adam (heads.train.bilevel.StackedAdam, as JEI-DNN) on params, one
     trial."""
 
     def __init__(self, params, lr: float, weight_decay: float, device):
@@ -438,7 +438,7 @@ def run_baselines(data: TrainData, test: Split, methods, settings: TrainSettings
 
     test: the test split, resident or streamed (same exits and frozen-logit convention as data). lambdas: the cost
     weights of the learned-gate methods (fixed-ims, diffbranch), normally the JEI-DNN sweep's. warm: a WarmState
-    from heads.train.warmup with settings' (lr, weight_decay) to re-use (the sweep's); one is trained here when
+    from heads.train.bilevel.warmup with settings' (lr, weight_decay) to re-use (the sweep's); one is trained here when
     absent or too short (threshold needs max_epochs warm-up epochs, the others warmup_epochs).
     """
     methods = list(dict.fromkeys(methods))

@@ -13,7 +13,7 @@ The search is sequential over exits (L small) and vectorised over samples: at ex
 flight, the threshold is the confidence of the last sample that must leave for the cumulative target count to be
 met. Cumulative targets (rounded once) keep every exit within one sample of its requested share and let a later
 exit absorb any overshoot from tied confidences. Everything is torch, so the same routine routes a mini-batch on the
-GPU inside L2W-DEN's meta step (heads/baselines.py) and fits thresholds on V1.
+GPU inside L2W-DEN's meta step (heads/baselines/methods.py) and fits thresholds on V1.
 """
 import math
 
@@ -92,7 +92,7 @@ def threshold_sweep(v1_logits, eval_logits: dict, p_grid=DEFAULT_P_GRID) -> list
 
 def budget_sweep(conf_v1: torch.Tensor, conf_eval: dict, p_grid=DEFAULT_P_GRID) -> list[dict]:
     """threshold_sweep on any per-exit confidence (N, L): max softmax for the baselines, JEI-DNN's learned
-    P(E^l|x) for its budgeted models (heads/compare.py, method "jei-budget")."""
+    P(E^l|x) for its budgeted models (heads/sweep/compare.py, method "jei-budget")."""
     n_exits = conf_v1.shape[1]
     points = []
     for p in p_grid:

@@ -97,7 +97,7 @@ class ExitRule:
     P(G=l|x) = min(g^l, 1 - S_{l-1}) clamped at 0 (eqs. 7-8); P(E^l|x) = P(G=l|x) / (P(G=l|x) + max(1 - S_l, 0))
     (eq. 4, the division exit_probabilities makes). exit_decision over all L-1 gates sums the mass left over the
     later exits instead, which can differ in the last bit: a decision differs only for a gate within ~1e-7 of the
-    threshold. exit_rule_row is the same arithmetic for one sample, in numba (heads/runtime.py's kernel).
+    threshold. exit_rule_row is the same arithmetic for one sample, in numba (deploy/runtime.py's kernel).
     """
 
     def __init__(self, n: int, threshold: float = 0.5, device=None):

@@ -19,7 +19,7 @@ One set of numbers. The two paths use the same formulas in the same float64 arit
 sum p^2 and sum p^2 log p, the margin as a float64 difference), add the K terms in the same order and round once
 to the input's dtype, so on the CPU they give the same float32 statistics bit for bit (tests/test_gate_features.py;
 torch's vectorised log and the kernel's may differ in a float64 last bit, which the float32 rounding absorbs in
-practice). That is what lets the runtime (heads/runtime.py: torch ops on a few rows) take the exits the
+practice). That is what lets the runtime (deploy/runtime.py: torch ops on a few rows) take the exits the
 simulation (this kernel on the whole cache) took. The order matters: the entropy of q is a difference of two
 near-equal terms for a confident IM, and a sum in another order changed about 0.1 % of those values.
 
@@ -39,7 +39,7 @@ PARALLEL_ELEMENTS = 1 << 20   # probabilities from which a parallel launch can p
 
 @numba.njit(inline="always")
 def row_features(probs, i, out):
-    """out[i] = the four statistics of probs[i] (numba; the kernels here and heads.exits.ExitRule share it)."""
+    """out[i] = the four statistics of probs[i] (numba; the kernels here and heads.model.exits.ExitRule share it)."""
     top1 = -1.0
     top2 = -1.0
     ent = 0.0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from heads.gate_features import gate_features
+from heads.model.gate_features import gate_features
 
 N_GATE_FEATURES = 4
 COMPUTE = torch.float32   # what the heads compute in; features held as float16 are converted per chunk or batch

@@ -3,7 +3,7 @@
     table = matched_costs(rows, split="test")        # one dict per method and matched cost (CSV-ready)
     print(matched_table(table))                      # methods x costs, with the AUC over the common cost range
 
-A method's operating points (heads/report.py curves(): one per lambda or per budget p; the single exits as a
+A method's operating points (heads/results/report.py curves(): one per lambda or per budget p; the single exits as a
 reference) are reduced to their upper envelope: the points that no other point beats at the same or a lower
 cost (sorted by cost, each strictly more accurate than every cheaper one). Between two envelope points the
 accuracy and both 95% bounds are interpolated linearly (the bounds of the two neighbours, weighted alike: an
@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from heads.report import curves
+from heads.results.report import curves
 
 MATCHED_COSTS = tuple(round(0.1 * i, 1) for i in range(3, 10))   # 0.3, 0.4, ..., 0.9 of IC^L
 REFERENCE = "single-exit"

@@ -21,7 +21,7 @@ overlays them with one colour per method; "single-exit" and "jei-threshold" rows
 several methods figures 5b/5c show one conformal construction per method ("gated": thresholds per exit, fitted on
 the V2 samples that exit there), so that the methods, not the constructions, are compared.
 
-A compare run also gets (write_compare_plots, given heads/matched.py's matched-cost table):
+A compare run also gets (write_compare_plots, given heads/results/matched.py's matched-cost table):
     ablation.png                    figure 9: JEI-DNN vs learnable gates on fixed IMs ("fixed-ims") vs threshold
                                     gates on JEI-DNN's warmed-up IMs ("threshold-warmup"), with 95% bands
     exit_decomposition_compare.png  figure 3 for JEI-DNN (the starred model) and the best baseline (largest area
@@ -34,9 +34,9 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from heads.baselines import METHODS
-from heads.metrics import CONFORMAL_METHODS
-from heads.rundir import nearest_lambda
+from heads.baselines.methods import METHODS
+from heads.evaluation.metrics import CONFORMAL_METHODS
+from heads.results.rundir import nearest_lambda
 
 CONFORMAL = CONFORMAL_METHODS
 COMPARED_CONFORMAL = "gated"     # the one construction drawn per method when several methods are overlaid
@@ -174,7 +174,7 @@ def plot_ablation(rows, path):
 
 
 def best_baseline(table: list[dict]) -> str | None:
-    """The baseline with the largest area under its envelope in a matched-cost table (heads/matched.py); ties
+    """The baseline with the largest area under its envelope in a matched-cost table (heads/results/matched.py); ties
     and NaN areas fall back to the best accuracy at the matched costs. None when the table holds no baseline."""
     scores = {}
     for r in table:
@@ -282,7 +282,7 @@ def write_plots(rows: list[dict], out, lam: float | None = None, split: str = "t
 def write_compare_plots(rows: list[dict], out, table: list[dict], lam: float | None = None,
                         split: str = "test") -> list[Path]:
     """The compare figures (module docstring) that the rows allow: ablation.png when JEI-DNN and an ablation are
-    present, exit_decomposition_compare.png when JEI-DNN and a baseline are. table: heads.matched.matched_costs."""
+    present, exit_decomposition_compare.png when JEI-DNN and a baseline are. table: heads.results.matched.matched_costs."""
     out, rows, paths = Path(out), _split(rows, split), []
     present = set(curves(rows))
     if "jei" in present and present & (set(ABLATION) - {"jei"}):

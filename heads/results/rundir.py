@@ -11,16 +11,16 @@
                             "trials": [{"trial", "lam", grid values...} in stack order], "seconds"}]}
     RUN/results.parquet     one row per trial and split, columns below; the schema metadata holds the settings.json
                             object (key b"jei.settings", JSON) and the cache fingerprint (b"jei.cache_fingerprint")
-    RUN/*.png               plots written by `report` (heads/report.py)
+    RUN/*.png               plots written by `report` (heads/results/report.py)
     RUN/matched_costs.csv   `report`: accuracy at matched normalised costs and the area under each curve
-                            (heads/matched.py)
+                            (heads/results/matched.py)
     RUN/methods/<m>.parquet `compare`: the evaluated rows of baseline method m, written as soon as m is done, with
                             the run's settings_hash in the schema metadata; a rerun of the same settings re-uses them
 
 Every file is written to a temporary name in RUN and renamed over the old one, so a killed run never leaves a
 half-written file. settings.json is written before training starts (status "training"), the heads as soon as
 training ends, results.parquet last; rerunning the same command into the same RUN re-uses heads of identical
-settings (heads/sweep.py). One process writes a run directory at a time (lock_run: RUN.lock beside it).
+settings (heads/sweep/sweep.py). One process writes a run directory at a time (lock_run: RUN.lock beside it).
 Everything read back is checked, and a damaged file is a one-line RunFileError naming it: JSON that does not
 parse, heads with NaN/Inf or shapes that do not fit the run's cache, a results.parquet that is not this run's
 (report refuses results left by an earlier run that --overwrite replaced), method parts whose rows do not match
@@ -31,11 +31,11 @@ Columns of results.parquet (null where a column does not apply to a row's method
                       "jei-threshold": a selected model at another gate threshold (a cost/accuracy curve from one
                       model); "single-exit": every sample leaves at one exit (warm-up IMs; exit L is the backbone's
                       head, or a trained last IM when the cache's head is not the task's), the fixed reference points;
-                      `compare` adds the baselines of heads/baselines.py (threshold, threshold-warmup, boosted, l2w:
+                      `compare` adds the baselines of heads/baselines/methods.py (threshold, threshold-warmup, boosted, l2w:
                       one row per budget p and split; fixed-ims, diffbranch: one per lambda and split) and
                       "jei-budget" (one selected JEI-DNN model with per-exit thresholds on P(E^l|x) fitted on V1 to
                       each budget p: one row per p and split, with that model's trial and lam)
-    p                 compare, threshold-gated methods: MSDNet budget parameter p (heads/thresholds.py), else null
+    p                 compare, threshold-gated methods: MSDNet budget parameter p (heads/baselines/thresholds.py), else null
     budget_fractions, exit_thresholds, v1_exit_hist   compare, threshold-gated methods: lists (L) of the target
                       exit shares, the thresholds fitted on V1 (on max softmax; on P(E^l|x) for jei-budget;
                       +inf: exit closed; the last is -inf) and the V1 samples exiting at each exit

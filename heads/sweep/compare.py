@@ -4,21 +4,21 @@
     python pipeline.py report RUN        # figures 2, 3, 5, 9 overlaid, matched_costs.csv
     result = run_compare("cache/x.zarr", CompareSettings(lambdas=(0.01, 0.1, 1.0)), TrainSettings(), "runs/cmp")
 
-What runs, in order, sharing one loaded cache (heads/sweep.py Session) and ONE warm-up:
-  warm-up   heads.train.warmup for max_epochs epochs (snapshots after every epoch): JEI-DNN, fixed-ims and
+What runs, in order, sharing one loaded cache (heads/sweep/sweep.py Session) and ONE warm-up:
+  warm-up   heads.train.bilevel.warmup for max_epochs epochs (snapshots after every epoch): JEI-DNN, fixed-ims and
             diffbranch start from its epoch-warmup_epochs snapshot, threshold-warmup gates exactly those IMs,
             "threshold" gates the IMs after all max_epochs epochs, and the single-exit reference rows are those
             same fully trained IMs (each at its best V2 epoch). The snapshot of epoch w does not depend on how many
             epochs follow, so the JEI-DNN rows equal those of `sweep` with the same settings. With
             warmup_patience (the default recipe) the warm-up stops once the IMs converge, and every user of a
             later snapshot gets the last one: JEI-DNN and both threshold methods then gate the same IMs.
-  lambdas   `--lambdas auto` is resolved from that warm-up's IMs (heads/sweep.py resolve_lambdas) and used by
+  lambdas   `--lambdas auto` is resolved from that warm-up's IMs (heads/sweep/sweep.py resolve_lambdas) and used by
             jei, fixed-ims and diffbranch alike.
-  jei       the lambda sweep of heads/sweep.py (train_groups, reference_group, evaluate_group, Run.finish): one
+  jei       the lambda sweep of heads/sweep/sweep.py (train_groups, reference_group, evaluate_group, Run.finish): one
             stacked bi-level pass, rows "jei" (+ "jei-threshold" curves of the selected models) and "single-exit".
-  baselines heads.baselines.run_baselines, one method at a time (the learned-gate ones on the same lambdas), every
-            operating point evaluated with heads.evaluate.evaluate against the same per-exit costs.
-Rows and columns: heads/rundir.py (method, p for threshold-gated rows, lam for learned-gate rows).
+  baselines heads.baselines.methods.run_baselines, one method at a time (the learned-gate ones on the same lambdas), every
+            operating point evaluated with heads.evaluation.evaluate.evaluate against the same per-exit costs.
+Rows and columns: heads/results/rundir.py (method, p for threshold-gated rows, lam for learned-gate rows).
 
 Run directory and reruns: identical to `sweep` (settings.json with status and the requested `methods`, the JEI-DNN
 heads in heads.safetensors, results.parquet last, every file written atomically), plus RUN/methods/<m>.parquet:
@@ -37,21 +37,21 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from heads import rundir
-from heads.baselines import (
+from heads.results import rundir
+from heads.baselines.methods import (
     LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, fixed_ims_is_jei, gated_points, run_baselines,
     threshold_points,
 )
-from heads.evaluate import evaluate_many
-from heads.exits import exit_probabilities
-from heads.matched import MATCHED_COSTS, envelope_at
-from heads.sweep import (
+from heads.evaluation.evaluate import evaluate_many
+from heads.model.exits import exit_probabilities
+from heads.results.matched import MATCHED_COSTS, envelope_at
+from heads.sweep.sweep import (
     DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, SweepSettings, evaluate_trials,
     expand_trials, lambda_identity, lambda_values, reference_group, resolve_lambdas, select_per_lambda, train_groups,
 )
-from heads.thresholds import budget_sweep
-from heads.stream import MemoryPlan, MemorySettings, plan_memory
-from heads.train import TrainSettings
+from heads.baselines.thresholds import budget_sweep
+from heads.train.stream import MemoryPlan, MemorySettings, plan_memory
+from heads.train.bilevel import TrainSettings
 
 BUDGET_METHOD = "jei-budget"
 COMPARE_METHODS = ("jei", BUDGET_METHOD, *METHODS)
@@ -128,7 +128,7 @@ def _jei_groups(session: Session, run: CompareRun, compare: CompareSettings, set
 def budget_points(session: Session, groups: list[dict], selected: set, p_grid) -> list[MethodPoint]:
     """Method "jei-budget": one of JEI-DNN's selected models moved along the cost axis after training. Per-exit
     thresholds on its learned exit probabilities P(E^l|x) are fitted on V1 to each budget p of the MSDNet grid
-    (heads/thresholds.py, as for the max-softmax baselines), instead of the fixed rule P(E^l|x) > 0.5. Of the
+    (heads/baselines/thresholds.py, as for the max-softmax baselines), instead of the fixed rule P(E^l|x) > 0.5. Of the
     selected models (one per lambda) the one whose V2 curve is most accurate on average over the matched costs is
     kept: selection on V2 only."""
     best = None

@@ -4,10 +4,10 @@ JEI-DNN's gates can give at that cost.
     run = fit_target_cost("cache/x.zarr", FitSettings(target_cost=0.4), default_settings(), "runs/fit")
 
 JEI-DNN's lambda sets the cost only indirectly (the paper's stated limitation). A fit trains the lambda sweep
-(heads/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to the
+(heads/sweep/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to the
 target after training, two ways: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of
 samples leaving at each exit follow MSDNet's budget p^k, with p chosen so that they spend as much as possible, but
-no more than the target, on V1 (heads/thresholds.py budget_for_cost, fit_thresholds); and one threshold shared by
+no more than the target, on V1 (heads/baselines/thresholds.py budget_for_cost, fit_thresholds); and one threshold shared by
 every exit (the gates' own rule P(E^l|x) > t with t moved away from 0.5, which keeps the shares the gates learned;
 `predict --threshold t` deploys it), when that can reach the target. Of those budgeted points the one most
 accurate on V2 is chosen; V2 and test are evaluated unchanged. Rows: every trial as in a sweep ("jei"), plus
@@ -21,15 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from heads.baselines import MethodPoint, threshold_point, threshold_points
-from heads.compare import BUDGET_METHOD, point_rows, selected_models
-from heads.sweep import (
+from heads.baselines.methods import MethodPoint, threshold_point, threshold_points
+from heads.sweep.compare import BUDGET_METHOD, point_rows, selected_models
+from heads.sweep.sweep import (
     DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, evaluate_group, lambda_identity,
     lambda_values, select_per_lambda, trained_groups,
 )
-from heads.thresholds import budget_for_cost, exit_by_thresholds, shared_threshold_for_cost
-from heads.stream import MemorySettings, plan_memory
-from heads.train import TrainSettings
+from heads.baselines.thresholds import budget_for_cost, exit_by_thresholds, shared_threshold_for_cost
+from heads.train.stream import MemorySettings, plan_memory
+from heads.train.bilevel import TrainSettings
 
 
 @dataclass(frozen=True)

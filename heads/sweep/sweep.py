@@ -1,19 +1,19 @@
 """Lambda sweeps and hyperparameter grids of JEI-DNN heads, written to a run directory (cost-targeted fits:
-heads/fit.py).
+heads/sweep/fit.py).
 
     lambdas = parse_lambdas("0.01:10")                             # 20 log-spaced points
     grid = parse_grid(["warmup_epochs=1:5", "lr=0.01,0.003"])      # {"warmup_epochs": (1..5), "lr": (...)}
     run = run_sweep("cache/x.zarr", SweepSettings(tuple(lambdas), grid_items(grid)), TrainSettings(), "runs/a")
 
 A sweep is: the lambda-independent warm-up once (one pass serves every warm-up epoch count and every (lr, weight
-decay) pair of the grid, heads.train.warmup), then every lambda x grid trial in ONE stacked bi-level pass
-(heads.train.train_stack: lr, weight_decay and warmup_epochs vary per trial inside a stack; a grid over any other
+decay) pair of the grid, heads.train.bilevel.warmup), then every lambda x grid trial in ONE stacked bi-level pass
+(heads.train.bilevel.train_stack: lr, weight_decay and warmup_epochs vary per trial inside a stack; a grid over any other
 TrainSettings field needs its own stacked pass per value), each trial early-stopped on its own. Every trial is
-then evaluated on V2 and test (heads.evaluate.evaluate), the trial with the best V2 accuracy of each lambda is
+then evaluated on V2 and test (heads.evaluation.evaluate.evaluate), the trial with the best V2 accuracy of each lambda is
 marked `selected`, the selected models also trace gate-threshold curves (method "jei-threshold"), and the warm-up
-IMs give the fixed single-exit reference points (method "single-exit"). Columns: heads/rundir.py.
+IMs give the fixed single-exit reference points (method "single-exit"). Columns: heads/results/rundir.py.
 
-Memory: heads/stream.py places each split resident or streamed (run_sweep's `memory`; `--memory-budget`,
+Memory: heads/train/stream.py places each split resident or streamed (run_sweep's `memory`; `--memory-budget`,
 `--stream/--resident`); a streamed training split changes the batch order, so the run's identity records it.
 
 Several devices: under torchrun (`torchrun --nproc_per_node=N pipeline.py sweep ...`) every rank loads the cache and
@@ -38,13 +38,13 @@ import torch
 from tqdm import tqdm
 
 import torchrun
-from heads import rundir
-from heads.evaluate import ExitOutputs, evaluate_many
-from heads.exits import exit_decision, exit_distribution
-from heads.kernels import exit_cross_entropy
-from heads.model import StackedHeads
-from heads.stream import MemoryPlan, MemorySettings, plan_memory
-from heads.train import (TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, open_split, split_outputs,
+from heads.results import rundir
+from heads.evaluation.evaluate import ExitOutputs, evaluate_many
+from heads.model.exits import exit_decision, exit_distribution
+from heads.train.kernels import exit_cross_entropy
+from heads.model.stack import StackedHeads
+from heads.train.stream import MemoryPlan, MemorySettings, plan_memory
+from heads.train.bilevel import (TRIAL_KEYS, EpochReport, TrainSettings, make_train_data, open_split, split_outputs,
                          train_stack, warmup)
 
 LAMBDA_FORMS = ("A:B (20 log-spaced points), A:B:N (N points), a,b,c (a list) or one value, all > 0 and A < B; or "
@@ -217,7 +217,7 @@ def check_grid(settings: TrainSettings, grid: tuple) -> None:
 
 # ---- progress --------------------------------------------------------------------------------------------------
 class EpochBar:
-    """The tqdm bar of one phase ("warmup" or "bilevel"), fed by heads.train's per-epoch reports. Bi-level
+    """The tqdm bar of one phase ("warmup" or "bilevel"), fed by heads.train.bilevel's per-epoch reports. Bi-level
     postfix: per lambda (ascending) the best V2 accuracy / normalised cost over that lambda's trials, in percent,
     and how many trials still train."""
 
@@ -286,7 +286,7 @@ def _trial_args(trial: dict) -> dict:
 
 def train_groups(session: Session, trials: list[dict], grid: tuple, settings: TrainSettings,
                  first_group: int = 0, share: tuple[int, int] = (0, 1)) -> list[dict]:
-    """Trains every trial. Trials that differ only in stackable keys (heads.train.TRIAL_KEYS) share one stacked
+    """Trains every trial. Trials that differ only in stackable keys (heads.train.bilevel.TRIAL_KEYS) share one stacked
     pass; returns one heads group per pass: {"group", "settings", "trials", "heads", "seconds"}. share = (rank,
     world): only every world-th trial of each pass from the rank-th on (the warm-ups are those of all trials)."""
     fixed_keys = [k for k, _ in grid if k not in TRIAL_KEYS]
@@ -333,7 +333,7 @@ def reference_group(session: Session, settings: TrainSettings, trials: list[dict
 # ---- evaluation --------------------------------------------------------------------------------------------------
 def _evaluate(session: Session, v2, test, exits) -> list[dict]:
     """v2/test: (logits (N, L, K), labels) of one model; exits: (v2 exit, test exit) per exit rule, evaluated
-    together (heads.evaluate.evaluate_many shares the work that depends on the logits alone)."""
+    together (heads.evaluation.evaluate.evaluate_many shares the work that depends on the logits alone)."""
     return evaluate_many([(ExitOutputs(v2[0], v2_exit, v2[1]), ExitOutputs(test[0], test_exit, test[1]))
                           for v2_exit, test_exit in exits], session.costs)
 

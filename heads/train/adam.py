@@ -10,7 +10,7 @@ Backends, one update:
              run the per-tensor kernels of adam_update_torch, so the step is bit-identical to it per parameter.
   "columns"  one read and one write of each buffer (numba on the CPU, adam_update_torch elsewhere): the parameter
              is seen as (rows, columns) with the trial axis and everything after it in the columns, so a per-trial
-             lr / weight decay is a per-column array. What heads.engine uses for its flat IM buffer when trials
+             lr / weight decay is a per-column array. What heads.train.engine uses for its flat IM buffer when trials
              differ in lr or weight decay.
   "fused"    torch's fused Adam (one kernel, bias corrections inside) when every trial shares one lr and weight
              decay and none is inactive; otherwise, or where torch has no fused Adam for the device, "columns".

@@ -26,7 +26,7 @@ Design decisions (the paper leaves them open):
   would reward spending more compute than lam asks for. The best state per trial is kept; a trial that stopped
   leaves the stack. A trial with w warm-up epochs gets max_epochs - w bi-level epochs (Algorithm 1).
 - The losses below are the definitions (and what the tests differentiate with autograd); training steps run
-  through heads.engine.StackEngine, which computes the same gradients in closed form (JEI-DNN-FULL by autograd).
+  through heads.train.engine.StackEngine, which computes the same gradients in closed form (JEI-DNN-FULL by autograd).
 - Reproducibility: initial weights are drawn once and repeated over the trials; batch orders come from generators
   shared by the stack; so a trial trained in a stack matches the same trial trained alone (up to float rounding).
 """
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from heads import finite
-from heads.exits import IM_LOSSES, TARGET_RULES, classifier_weights, exit_costs, gate_targets, warmup_exit_weights
-from heads.engine import StackEngine
-from heads.kernels import exit_cross_entropy
-from heads.model import COMPUTE, OUTPUT_ROWS, StackedHeads
-from heads.stream import ChunkShuffle, MemoryPlan, StreamedSplit
+from heads.train import finite
+from heads.model.exits import IM_LOSSES, TARGET_RULES, classifier_weights, exit_costs, gate_targets, warmup_exit_weights
+from heads.train.engine import StackEngine
+from heads.train.kernels import exit_cross_entropy
+from heads.model.stack import COMPUTE, OUTPUT_ROWS, StackedHeads
+from heads.train.stream import ChunkShuffle, MemoryPlan, StreamedSplit
 
 # The warm-up's convergence test (warmup_patience) looks at the mean over IMs of each IM's best V2 accuracy so far,
 # not at any single IM: at lr 0.01 single IMs swing by points from epoch to epoch, so with a dozen IMs one of them
@@ -134,7 +134,7 @@ class SplitTensors:
     (`stacked`, given or made here), so that a mini-batch of all exits is one gather (batch()). Features and
     logits stay in the dtype they are given (float16 as the cache stores them, by make_train_data) and every
     mini-batch comes out as float32 (COMPUTE): float16 -> float32 is exact, so this gives the values a float32
-    copy would, at half its memory. heads.stream.StreamedSplit has the same interface (len, labels, exit_dims,
+    copy would, at half its memory. heads.train.stream.StreamedSplit has the same interface (len, labels, exit_dims,
     has_logits, chunks, epoch) for splits read from the store."""
     features: list[torch.Tensor]   # per exit (N, D_l), float16 or float32, contiguous
     labels: torch.Tensor           # (N,) int64

@@ -1,4 +1,4 @@
-"""The training step of a stack of trials with hand-written gradients: what heads.train runs every mini-batch.
+"""The training step of a stack of trials with hand-written gradients: what heads.train.bilevel runs every mini-batch.
 
     engine = StackEngine(heads, lr, weight_decay, batch_size)   # takes over heads' IM weights (one flat buffer)
     out = engine.forward(features, last_logits, labels)           # logits, softmax, gate features, per-exit CE
@@ -6,14 +6,14 @@
     engine.im_step(out, features, labels, engine.classifier_coef(out, "weighted"))   # CLASSIFIER state (eq. 30)
     engine.keep(torch.tensor([0, 2]))                              # drop stopped trials from the stack
 
-Every loss of heads.train except JEI-DNN-FULL (eq. 29) is a weighted cross-entropy of the IMs, sum_l c_l CE_l with
+Every loss of heads.train.bilevel except JEI-DNN-FULL (eq. 29) is a weighted cross-entropy of the IMs, sum_l c_l CE_l with
 weights c that carry no gradient (eq. 30: P(G=l|x); uniform: 1; warm-up eq. 17: L - l), or a BCE of the gates on
 four statistics of detached IM outputs. Their gradients are closed-form: d/dz of c CE is c (softmax(z) - onehot(y)),
 and of the BCE with pos_weight w and target t at pre-activation a it is sigmoid(a) (w t + 1 - t) - w t. So a step is
 one addmm per exit into a preallocated (L, B, T, K) buffer, torch's softmax, one numba pass for the statistics
-(heads.kernels), the logit gradient in place, one mm per exit for the weight gradients, and one fused Adam kernel
+(heads.train.kernels), the logit gradient in place, one mm per exit for the weight gradients, and one fused Adam kernel
 over a single flat buffer holding every IM weight and bias of every trial. No autograd graph, no temporaries of the
-logits' size. tests/test_engine.py checks each gradient against autograd on heads.train's losses; JEI-DNN-FULL
+logits' size. tests/test_engine.py checks each gradient against autograd on heads.train.bilevel's losses; JEI-DNN-FULL
 differentiates through the gate statistics and goes through autograd (im_step_autograd).
 
 Trials that stop are removed with keep(): the products shrink with the stack.
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from heads import cpu
-from heads.adam import StackedAdam
-from heads.exits import classifier_weights, exit_costs, exit_decision, exit_distribution, gate_targets
-from heads.kernels import softmax_stats, weighted_ce_grad
-from heads.model import N_GATE_FEATURES, StackedHeads, gate_pre_activation
+from heads.train.adam import StackedAdam
+from heads.model.exits import classifier_weights, exit_costs, exit_decision, exit_distribution, gate_targets
+from heads.train.kernels import softmax_stats, weighted_ce_grad
+from heads.model.stack import N_GATE_FEATURES, StackedHeads, gate_pre_activation
 
 EVAL_FLOATS = 1 << 23          # logits per evaluation chunk (32 MiB of float32; two such buffers)
 
@@ -35,7 +35,7 @@ EVAL_FLOATS = 1 << 23          # logits per evaluation chunk (32 MiB of float32;
 class StepOutputs:
     """One forward pass: views into the engine's buffers, valid until the next forward."""
     p: torch.Tensor            # (L, B, T, K) softmax of the logits; im_step turns it into the logit gradient
-    feats: torch.Tensor        # (T, B, L-1, 4) gate statistics (heads.gate_features order)
+    feats: torch.Tensor        # (T, B, L-1, 4) gate statistics (heads.model.gate_features order)
     ce: torch.Tensor           # (T, B, L) cross-entropy of every exit
     pred: torch.Tensor | None  # (T, B, L) int32 argmax of every exit (evaluation only)
     x: torch.Tensor | None     # (n_ims, B, D) the trained exits' features, stacked when they share one width

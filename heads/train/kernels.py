@@ -1,4 +1,4 @@
-"""Kernels of the stacked training step (heads/engine.py), each in numba (CPU) and in torch (any device, and the
+"""Kernels of the stacked training step (heads/train/engine.py), each in numba (CPU) and in torch (any device, and the
 reference the numba versions are tested against):
 
     softmax_stats(z, p, labels, feats, ce, pred)    # z, p: (L, B, T, K) logits and their softmax
@@ -15,15 +15,15 @@ supplies the exponentials; numba without SVML computes exp element by element, ~
     entropy of q = p^2 / S2 (S2 = sum_k p_k^2) = log S2 - 2 sum_k p_k^2 (z_k - m) / S2 - 2 log p_max
     CE(y) = m - z_y - log p_max
 
-The statistics are heads.gate_features' (same order, same conventions). The optimiser's kernel lives with the
-optimiser (heads/adam.py).
+The statistics are heads.model.gate_features' (same order, same conventions). The optimiser's kernel lives with the
+optimiser (heads/train/adam.py).
 """
 import numba
 import numpy as np
 import torch
 
 from heads import cpu
-from heads.gate_features import gate_features_torch
+from heads.model.gate_features import gate_features_torch
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)

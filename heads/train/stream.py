@@ -1,7 +1,7 @@
 """Stage two past RAM: which splits stay resident, and the splits that are streamed from the store instead.
 
     plan = plan_memory(cache, MemorySettings(budget_gb=8))       # resident when it fits, streamed otherwise
-    data = make_train_data(cache, plan=plan)                     # heads.train: SplitTensors or StreamedSplit
+    data = make_train_data(cache, plan=plan)                     # heads.train.bilevel: SplitTensors or StreamedSplit
     for feats, labels, last in data.train.epoch(64, generator, "cpu"):   # one epoch, in the split's order
         ...
 
@@ -21,7 +21,7 @@ one it keeps its one randperm per epoch, so resident runs are unchanged.
 Reading (StreamedSplit): whole chunks through cache.store's checked reader, a buffer at a time, the next buffer (or
 evaluation block) read by a background thread while the current one is used; so at most two buffers are
 materialised at once (held_bytes / peak_bytes count them). Labels stay resident (8 bytes a row). Mini-batches
-and evaluation blocks come out as float32 (heads.model.COMPUTE), equal to the resident path's values.
+and evaluation blocks come out as float32 (heads.model.stack.COMPUTE), equal to the resident path's values.
 """
 import math
 import os
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from heads.model import COMPUTE
+from heads.model.stack import COMPUTE
 
 MODES = ("auto", "stream", "resident")
 AVAILABLE_SHARE = 0.8          # default budget: this share of the memory available when the run starts
@@ -160,7 +160,7 @@ def _nbytes(tensors) -> int:
 
 class StreamedSplit:
     """Rows [start, stop) of one split of a cache, read from the store when used (module doc). The same methods as
-    heads.train.SplitTensors: len(), labels, exit_dims, has_logits, chunks() and epoch()."""
+    heads.train.bilevel.SplitTensors: len(), labels, exit_dims, has_logits, chunks() and epoch()."""
 
     def __init__(self, cache, split: str, start: int, stop: int, has_logits: bool, order: ChunkShuffle | None,
                  device="cpu"):
