@@ -10,6 +10,7 @@
 runs/<command>-<settings hash>. The training options mirror heads.train.TrainSettings (appendix 9.1.2 defaults);
 torch and the training code are imported only when a command runs.
 """
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ MAX_LAMBDAS = 10_000        # lambdas x grid values of one run: beyond this a ty
 MAX_EPOCHS = 100_000
 MAX_BUDGET_GB = 1e6          # --memory-budget: beyond this a typo (or inf), not a machine
 MIN_VAL_ROWS, MIN_TEST_ROWS = 20, 10   # V2 (half of val) and test feed bootstraps over 10 partitions
+
+log = logging.getLogger(__name__)
 
 
 class FiniteFloat(click.ParamType):
@@ -229,7 +232,7 @@ def _summarise(result):
     from heads.report import results_table
     click.echo(results_table(result.rows))
     for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
+        log.warning(line)
     click.echo(f"run directory: {result.path}")
 
 
@@ -248,7 +251,7 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     settings = _train_settings(kwargs, cache_path)
     from heads.sweep import SweepSettings, run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
-                                    command="train", overwrite=overwrite, progress=progress, log=click.echo,
+                                    command="train", overwrite=overwrite, progress=progress,
                                     memory=memory))
     _summarise(result)
 
@@ -278,7 +281,7 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(lambdas, items, thresholds), settings,
-                                    out, overwrite=overwrite, progress=progress, log=click.echo, memory=memory))
+                                    out, overwrite=overwrite, progress=progress, memory=memory))
     _summarise(result)
 
 
@@ -304,7 +307,7 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
-                                          progress=progress, log=click.echo, memory=memory))
+                                          progress=progress, memory=memory))
     _summarise(result)
     chosen = {r["split"]: r for r in result.rows if r["method"] == "jei-budget" and r["selected"]}
     test, v2 = chosen["test"], chosen["v2"]
@@ -359,7 +362,7 @@ def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, threshol
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
-                                      progress=progress, log=click.echo, memory=memory))
+                                      progress=progress, memory=memory))
     _summarise(result)
     _matched(result.rows, result.path, "test")
 
@@ -383,7 +386,7 @@ def report_cmd(run, lam, split, plots):
                f"(fingerprint {settings['cache']['fingerprint'][:12]}), settings {settings['settings_hash']}")
     click.echo(results_table(rows, split))
     for line in settings.get("warnings", []):
-        click.echo(f"warning: {line}", err=True)
+        log.warning(line)
     table = _matched(rows, run, split)
     if plots:
         for path in _run(lambda: write_plots(rows, run, lam, split) + write_compare_plots(rows, run, table, lam,

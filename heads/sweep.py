@@ -28,6 +28,7 @@ phase keep no mid-epoch state, and the warm-up takes a few epochs of one model).
 """
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ DEFAULT_THRESHOLDS = (0.2, 0.35, 0.65, 0.8)   # gate thresholds besides 0.5 for 
 WARMUP_FIELDS = ("batch_size", "seed", "device", "warmup_patience")   # the TrainSettings fields the warm-up depends on
 REFERENCE_GROUP = "warmup"                         # heads group holding the warm-up IMs (single-exit rows)
 ONE_PROCESS = torchrun.OneProcess()
+
+log = logging.getLogger(__name__)
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------------
@@ -446,9 +449,10 @@ def cross_entropy(session: Session, heads: StackedHeads, split: str) -> np.ndarr
     return (torch.logsumexp(z, -1) - picked).numpy()
 
 
-def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple = (), log=print) -> list[float]:
+def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple = (),
+                    announce: bool = True) -> list[float]:
     """Explicit lambdas as given; AutoLambdas from the warm-up (run first when needed) of the IMs the bi-level phase
-    starts from: auto_lambdas on their V1 losses."""
+    starts from: auto_lambdas on their V1 losses (logged at INFO when `announce`, else at DEBUG)."""
     if not isinstance(spec, AutoLambdas):
         return sorted(float(x) for x in spec)
     warm = session.warmed(settings, expand_trials([1.0], grid))
@@ -459,7 +463,8 @@ def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple
     best = int(np.argmax(accuracy))
     ce = cross_entropy(session, heads, "v1")
     lambdas = auto_lambdas(ce, ic_norm, spec.points)
-    log(f"lambdas auto: {spec.points} from {lambdas[0]:.3g} to {lambdas[-1]:.3g}; the targets ask for cost "
+    say = log.info if announce else log.debug
+    say(f"lambdas auto: {spec.points} from {lambdas[0]:.3g} to {lambdas[-1]:.3g}; the targets ask for cost "
         f"{target_cost(ce, ic_norm, lambdas[0]):.3f} to {target_cost(ce, ic_norm, lambdas[-1]):.3f} on V1 (the best "
         f"single exit on V2: exit {best + 1} at cost {ic_norm[best]:.3f})")
     return lambdas
@@ -594,19 +599,19 @@ class Run:
         return RunResult(self.out, rows, settings, warnings)
 
 
-def trained_groups(run: Run | None, session: Session, settings: TrainSettings, lambdas, grid: tuple, log,
+def trained_groups(run: Run | None, session: Session, settings: TrainSettings, lambdas, grid: tuple,
                    ranks=ONE_PROCESS) -> tuple[list[dict], list[dict]]:
     """The run's heads groups (sweep trials + the warm-up reference): the saved ones when the run directory holds
     heads of these settings, else trained now (auto lambdas resolved after the warm-up) and saved; and the groups
     this rank trained (under torchrun its share of every pass, merge_groups; run is None on ranks > 0, which get
     no merged groups)."""
     if run is not None and run.saved is not None:
-        log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+        log.info(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
         groups = run.saved_groups(settings.device)
         run.lambdas = sorted({t["lam"] for g in groups for t in g["trials"]})
         return groups, groups
     start = time.perf_counter()
-    chosen = ranks.broadcast(resolve_lambdas(session, settings, lambdas, grid, log if run is not None else _quiet))
+    chosen = ranks.broadcast(resolve_lambdas(session, settings, lambdas, grid, announce=run is not None))
     if run is not None:
         run.lambdas = chosen
         run.write_status("training")
@@ -623,10 +628,6 @@ def trained_groups(run: Run | None, session: Session, settings: TrainSettings, l
     run.timings.update(train_seconds=time.perf_counter() - start, warmup_seconds=session.warm_seconds)
     run.save_groups(groups)
     return groups, mine
-
-
-def _quiet(*_):
-    pass
 
 
 def merge_groups(parts: list[list[dict]], device) -> list[dict]:
@@ -649,7 +650,7 @@ def merge_groups(parts: list[list[dict]], device) -> list[dict]:
 
 
 def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, command: str = "sweep",
-              overwrite: bool = False, progress: bool = True, log=print,
+              overwrite: bool = False, progress: bool = True,
               memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train, evaluate and record every lambda x grid trial (module docstring)."""
     from cache.store import open_cache
@@ -669,7 +670,7 @@ def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, co
                     return None
                 ranks = ONE_PROCESS
             session = Session(cache, local, progress and ranks.rank == 0, plan)
-            groups, mine = trained_groups(run, session, local, sweep.lambdas, sweep.grid, log, ranks)
+            groups, mine = trained_groups(run, session, local, sweep.lambdas, sweep.grid, ranks)
             if run is not None:
                 run.write_status("evaluating")
             start = time.perf_counter()

@@ -1,5 +1,6 @@
 """Lambda parsing, grids, and the stage-two CLI (train, sweep, fit) end to end on a tiny synthetic cache."""
 import json
+import logging
 import math
 
 import click
@@ -235,7 +236,7 @@ def test_lambda_range_warnings():
     assert "short of their own targets" in found[0] and found[-1] == "suggested range: --lambdas 0.1:10"
 
 
-def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch):
+def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch, caplog):
     import heads.sweep as sweep
 
     def killed(*args, **kwargs):
@@ -253,8 +254,10 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "evaluating"
-    messages = []
-    result = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False, log=messages.append)
+    caplog.set_level(logging.INFO, logger="heads")
+    caplog.clear()
+    result = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("heads")]
     assert "re-using the trained heads" in messages[0] and result.settings["status"] == "complete"
     fresh = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "fresh", progress=False)
     assert numbers(result.rows) == numbers(fresh.rows)
