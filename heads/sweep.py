@@ -306,12 +306,60 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
             continue
         budget = max(pass_settings.max_epochs - t.get("warmup_epochs", pass_settings.warmup_epochs) for t in members)
         bar = EpochBar("bilevel", budget, [t["lam"] for t in members], session.progress)
+        identity = [_history_identity(str(number), t, pass_settings) for t in members]
+        history, kept = warmup_history(warm, identity), [math.inf] * len(members)
+
+        def progress(report: EpochReport, bar=bar, identity=identity, history=history, kept=kept):
+            bar(report)
+            history.extend(bilevel_history(report, identity, kept))
         start = time.perf_counter()
-        heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, bar)
+        heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, progress)
         bar.close()
         groups.append({"group": str(number), "settings": dataclasses.asdict(pass_settings), "trials": members,
-                       "heads": heads, "seconds": time.perf_counter() - start})
+                       "heads": heads, "seconds": time.perf_counter() - start, "history": history})
     return groups
+
+
+# ---- training history (RUN/history.parquet, columns: heads/rundir.py) ------------------------------------------
+def _history_identity(group: str, trial: dict, settings: TrainSettings) -> dict:
+    """What identifies a trial in its history rows: trial id, pass, lam, lr, weight decay, warm-up epochs and any
+    other gridded value (as in results.parquet)."""
+    return {"trial": trial["trial"], "group": group, "lam": trial["lam"],
+            **{k: getattr(settings, k) for k in TRIAL_KEYS if k != "lam"},
+            **{k: v for k, v in trial.items() if k not in ("trial", "lam")}}
+
+
+def warmup_history(warm, identity: list[dict]) -> list[dict]:
+    """Per trial, one row per warm-up epoch it starts from (1..its warmup_epochs, at most the epochs the warm-up
+    ran), from the WarmState's per-epoch V2 accuracies of its (lr, weight decay) pair."""
+    rows = []
+    for ident in identity:
+        j = warm.optim.index((ident["lr"], ident["weight_decay"]))
+        accuracy = warm.v2_accuracy[:, j].double()                         # (epochs, n_ims)
+        best = accuracy.cummax(0).values
+        for w in range(min(int(ident["warmup_epochs"]), warm.epochs)):
+            rows.append({**ident, "phase": "warmup", "epoch": w + 1, "accuracy": float(accuracy[w].mean()),
+                         "cost": math.nan, "objective": math.nan, "best_accuracy": float(best[w].mean()),
+                         "best_cost": math.nan, "best_objective": math.nan, "improved": None, "active": None,
+                         "im_accuracy": accuracy[w].tolist()})
+    return rows
+
+
+def bilevel_history(report: EpochReport, identity: list[dict], kept: list[float]) -> list[dict]:
+    """One row per trial that trained in this bi-level epoch (its current and kept V2 values); kept: each trial's
+    best objective before this epoch, updated (heads.train.train_stack keeps a state whose objective is lower)."""
+    rows = []
+    for i, ident in enumerate(identity):
+        if math.isnan(report.epoch_objective[i]):
+            continue
+        improved, kept[i] = report.epoch_objective[i] < kept[i], report.objective[i]
+        rows.append({**ident, "phase": "bilevel", "epoch": report.epoch, "accuracy": report.epoch_accuracy[i],
+                     "cost": report.epoch_cost[i], "objective": report.epoch_objective[i],
+                     "best_accuracy": report.accuracy[i], "best_cost": report.cost[i],
+                     "best_objective": report.objective[i],
+                     "improved": improved, "active": report.active[i],
+                     "im_accuracy": None})
+    return rows
 
 
 def warm_heads(session: Session, settings: TrainSettings, warm,
@@ -570,8 +618,14 @@ class Run:
                  "heads": StackedHeads.from_state_dict(g["state"], device)} for g in self.saved["groups"]]
 
     def save_groups(self, groups: list[dict]) -> None:
+        """The heads, and the history of the groups trained now (RUN/history.parquet, in trial and epoch order)."""
         rundir.save_heads(self.out, [{**{k: g[k] for k in ("group", "settings", "trials", "seconds")},
                                       "state": g["heads"].state_dict()} for g in groups], self.digest)
+        history = [r for g in groups for r in g.get("history", [])]
+        if history:
+            phases = {"warmup": 0, "bilevel": 1}
+            history.sort(key=lambda r: (r["trial"], phases[r["phase"]], r["epoch"]))
+            rundir.write_history(self.out, history, self.digest)
 
     def finish(self, session: Session, groups: list[dict], rows: list[dict], selected: set, thresholds,
                warn: bool) -> RunResult:
@@ -645,7 +699,8 @@ def merge_groups(parts: list[list[dict]], device) -> list[dict]:
         state = {k: torch.cat([p["heads"][k] for p in pieces]) for k in pieces[0]["heads"]}
         merged.append({"group": number, "settings": pieces[0]["settings"], "trials": [trials[i] for i in order],
                        "heads": StackedHeads.from_state_dict(state, device).select(order),
-                       "seconds": max(p["seconds"] for p in pieces)})
+                       "seconds": max(p["seconds"] for p in pieces),
+                       "history": [r for p in pieces for r in p.get("history", [])]})
     return merged
 
 
