@@ -44,7 +44,7 @@ class _Formatter(logging.Formatter):
         return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
 
 
-class _TqdmHandler(logging.Handler):
+class TqdmHandler(logging.Handler):
     """Writes each record to the current sys.stderr through tqdm.write, so a line never breaks a progress bar."""
 
     def emit(self, record):
@@ -58,9 +58,9 @@ def configure_logging(level: int = logging.INFO) -> None:
     """One stderr handler on the root logger (replacing one installed before: the command line may run several
     times in one process, as in the tests); `level` for this program's loggers, other libraries' stay at WARNING."""
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _TqdmHandler)]:
+    for handler in [h for h in root.handlers if isinstance(h, TqdmHandler)]:
         root.removeHandler(handler)
-    handler = _TqdmHandler()
+    handler = TqdmHandler()
     handler.setFormatter(_Formatter("%(message)s"))
     root.addHandler(handler)
     for name in PACKAGES:

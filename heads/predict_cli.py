@@ -7,13 +7,10 @@ fitted on V2) and the conformal set at --alpha. Images go through the cache's ow
 normalisation, grayscale handling exactly as the extraction did). At the end, on stderr: images per second of the
 early-exit network (and with reading the files) and the Mul-Adds the exits taken saved against the full network.
 """
-import logging
 import time
 from pathlib import Path
 
 import click
-
-log = logging.getLogger(__name__)
 
 
 @click.command("predict")
@@ -63,7 +60,7 @@ def predict_cmd(run_dir, lam, threshold, alpha, conformal, cache_path, batch_siz
             members = ", ".join(names[j] for j in out.sets[i].nonzero().flatten().tolist())
             click.echo(f"{path}\t{names[k]}\texit {int(out.exit_index[i]) + 1}/{model.num_exits}"
                        f"\tp={float(out.probs[i, k]):.3f}\tset={{{members}}}")
-    log.info(speed_summary(exits, network_s, time.perf_counter() - start, model.cumulative_macs))
+    click.echo(speed_summary(exits, network_s, time.perf_counter() - start, model.cumulative_macs), err=True)
 
 
 def speed_summary(exits: list[int], network_s: float, total_s: float, cumulative_macs: list[float] | None) -> str:

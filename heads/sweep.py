@@ -21,8 +21,9 @@ runs the same warm-up, then trains every N-th trial of each stacked pass and eva
 run directory, gathers the heads (merge_groups: the one-process trial order) and the rows, and finishes the run as
 one process would. Equal to a one-process run up to the rounding a stack's width brings (README, Stage two).
 
-Interruption: settings.json is written before training; the heads are saved as soon as training ends; the
-results last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
+Interruption: settings.json is written before training; the heads are saved as soon as training ends, with
+history.parquet (every trial's warm-up and bi-level epochs, from heads.train's per-epoch reports); the results
+last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
 skipped, evaluation redone); a run killed during training starts its training again (the warm-up and bi-level
 phase keep no mid-epoch state, and the warm-up takes a few epochs of one model).
 """
@@ -308,10 +309,11 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
         bar = EpochBar("bilevel", budget, [t["lam"] for t in members], session.progress)
         identity = [_history_identity(str(number), t, pass_settings) for t in members]
         history, kept = warmup_history(warm, identity), [math.inf] * len(members)
+        budgets = [pass_settings.max_epochs - t["warmup_epochs"] for t in identity]
 
-        def progress(report: EpochReport, bar=bar, identity=identity, history=history, kept=kept):
+        def progress(report: EpochReport, bar=bar, identity=identity, history=history, kept=kept, budgets=budgets):
             bar(report)
-            history.extend(bilevel_history(report, identity, kept))
+            history.extend(bilevel_history(report, identity, kept, budgets))
         start = time.perf_counter()
         heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, progress)
         bar.close()
@@ -345,9 +347,10 @@ def warmup_history(warm, identity: list[dict]) -> list[dict]:
     return rows
 
 
-def bilevel_history(report: EpochReport, identity: list[dict], kept: list[float]) -> list[dict]:
+def bilevel_history(report: EpochReport, identity: list[dict], kept: list[float], budgets: list[int]) -> list[dict]:
     """One row per trial that trained in this bi-level epoch (its current and kept V2 values); kept: each trial's
-    best objective before this epoch, updated (heads.train.train_stack keeps a state whose objective is lower)."""
+    best objective before this epoch, updated (heads.train.train_stack keeps a state whose objective is lower);
+    budgets: each trial's bi-level epochs at most."""
     rows = []
     for i, ident in enumerate(identity):
         if math.isnan(report.epoch_objective[i]):
@@ -357,7 +360,7 @@ def bilevel_history(report: EpochReport, identity: list[dict], kept: list[float]
                      "cost": report.epoch_cost[i], "objective": report.epoch_objective[i],
                      "best_accuracy": report.accuracy[i], "best_cost": report.cost[i],
                      "best_objective": report.objective[i],
-                     "improved": improved, "active": report.active[i],
+                     "improved": improved, "active": report.active[i] and report.epoch < budgets[i],
                      "im_accuracy": None})
     return rows
 

@@ -110,6 +110,8 @@ def test_compare_writes_every_method_into_one_parquet(run, cache, tmp_path):
     assert settings["identity"]["command"] == "compare"
     assert sorted(p.stem for p in (out / rundir.PARTS).iterdir()) == sorted(METHODS)   # jei-budget: no training
     assert not [p for p in out.rglob("*.tmp")]
+    history = pq.read_table(out / rundir.HISTORY).to_pylist()          # the JEI-DNN trials' training curves
+    assert {h["trial"] for h in history} == {r["trial"] for r in rows if r["method"] == "jei"}
     assert "[boosted]" in output and "p=0.05" in output and "accuracy at matched cost" in output
 
 
