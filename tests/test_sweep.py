@@ -397,3 +397,37 @@ def test_log_lines_are_plain_for_info_and_prefixed_above(capsys):
     pipeline.configure_logging(logging.DEBUG)                  # --verbose; one handler, however often configured
     say.debug("detail")
     assert capsys.readouterr().err == "ERROR: broken\nDEBUG: detail\n"
+
+
+def test_tensorboard_gets_the_history_or_a_one_line_error(tiny_cache, tmp_path, monkeypatch):
+    import sys
+    import types
+    from pathlib import Path
+    args = ["sweep", "--cache", tiny_cache, "--lambdas", "0.1,1", "--out", tmp_path / "r", *FAST,
+            "--tensorboard", tmp_path / "tb"]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)          # not installed
+    missing = invoke(*args)
+    assert missing.exit_code == 1 and "tensorboard package is not installed" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()                                     # refused before any work
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.folder = Path(log_dir)
+
+        def add_scalar(self, tag, value, step):
+            written.append((self.folder.parent, self.folder.name, tag, value, step))
+
+        def close(self):
+            pass
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    history = pq.read_table(tmp_path / "r" / rundir.HISTORY).to_pylist()
+    assert len([w for w in written if w[2].endswith("/accuracy") and "best" not in w[2]]) == len(history)
+    for h in history:
+        warm = sum(g["phase"] == "warmup" for g in history if g["trial"] == h["trial"])
+        step = h["epoch"] + (warm if h["phase"] == "bilevel" else 0)
+        assert (tmp_path / "tb", f"trial-{h['trial']}-lam-{h['lam']:g}", f"{h['phase']}/accuracy", h["accuracy"],
+                step) in written
