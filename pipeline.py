@@ -13,10 +13,11 @@
     python pipeline.py predict --run RUN --lam 0.5 IMAGE...
 
 Unexpected faults (full or read-only disk, damaged files) end in one line naming the file (clierrors.py);
-`python pipeline.py --debug COMMAND ...` shows the traceback. Messages go through `logging` to stderr (the
-result, tables and paths, to stdout): `--quiet` keeps warnings and errors only, `--verbose` adds debug messages;
-the packages only log, this file alone configures logging (configure_logging). This file is only the command group: every command lives in the package that owns it (extract/cli.py,
-cache/cli.py, heads/cli.py) and imports its heavy dependencies when it runs.
+`python pipeline.py --debug COMMAND ...` shows the traceback. Messages go through `logging` to stderr (the result,
+tables and paths, to stdout): `--quiet` keeps warnings and errors only, `--verbose` adds debug messages; the
+packages only log, this file alone configures logging (configure_logging). This file is only the command group:
+every command lives in the package that owns it (extract/cli.py, cache/cli.py, heads/cli.py) and imports its
+heavy dependencies when it runs.
 """
 import logging
 import sys
