@@ -13,11 +13,17 @@
     python pipeline.py predict --run RUN --lam 0.5 IMAGE...
 
 Unexpected faults (full or read-only disk, damaged files) end in one line naming the file (cli/errors.py);
-`python pipeline.py --debug COMMAND ...` shows the traceback. This file is only the command group: every command
-lives in cli/ (cache.py, extract.py, finetune.py, heads.py, demo.py; predict in deploy/predict.py) and imports its
-heavy dependencies when it runs. `pip install -e .` also installs it as the `jei-dnn` command.
+`python pipeline.py --debug COMMAND ...` shows the traceback. Messages go through `logging` to stderr (the result,
+tables and paths, to stdout): `--quiet` keeps warnings and errors only, `--verbose` adds debug messages; the
+packages only log, this file alone configures logging (configure_logging). This file is only the command group:
+every command lives in cli/ (cache.py, extract.py, finetune.py, heads.py, demo.py; predict in deploy/predict.py)
+and imports its heavy dependencies when it runs. `pip install -e .` also installs it as the `jei-dnn` command.
 """
+import logging
+import sys
+
 import click
+from tqdm import tqdm
 
 from cli.cache import cache_group
 from cli.errors import DEBUG_ENV, Group
@@ -28,10 +34,50 @@ from cli.heads import compare_cmd, fit_cmd, report_cmd, sweep_cmd, train_cmd
 from deploy.predict import predict_cmd
 
 
+PACKAGES = ("heads", "cache", "extract", "deploy", "cli", "torchrun", "bench")   # the loggers the options set
+
+
+class _Formatter(logging.Formatter):
+    """INFO as the bare message (the console looks as when the commands printed); the level name before others."""
+
+    def format(self, record):
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname}: {message}"
+
+
+class TqdmHandler(logging.Handler):
+    """Writes each record to the current sys.stderr through tqdm.write, so a line never breaks a progress bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """One stderr handler on the root logger (replacing one installed before: the command line may run several
+    times in one process, as in the tests); `level` for this program's loggers, other libraries' stay at WARNING."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, TqdmHandler)]:
+        root.removeHandler(handler)
+    handler = TqdmHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    root.addHandler(handler)
+    for name in PACKAGES:
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("__main__").setLevel(level)
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help=f"Show the traceback of an unexpected error (or set {DEBUG_ENV}=1).")
-def cli(debug):
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr (no progress messages).")
+@click.option("--verbose", "-v", is_flag=True, help="Debug messages too.")
+def cli(debug, quiet, verbose):
     """Early-exit heads (JEI-DNN) trained from a feature cache of a frozen backbone."""
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose exclude each other")
+    configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 cli.add_command(demo_cmd)

@@ -57,7 +57,7 @@ def main(argv=None):
     before = peak_gib()
     start = time.perf_counter()
     result = run_sweep(cache, SweepSettings(tuple(parse_lambdas(args.lambdas))),
-                       TrainSettings(max_epochs=args.max_epochs), run, progress=False, log=lambda *_: None,
+                       TrainSettings(max_epochs=args.max_epochs), run, progress=False,
                        memory=MemorySettings(budget_gb=args.memory_budget))
     took = time.perf_counter() - start
     memory = result.settings["memory"]

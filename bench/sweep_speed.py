@@ -104,7 +104,7 @@ def main(argv=None):
             gpu_end = torch.cuda.Event(enable_timing=True)
         start = time.perf_counter()
         result = run_sweep(cache, SweepSettings(tuple(lambdas)), settings, Path(tmp) / "run",
-                           progress=not args.no_progress, log=lambda *_: None)
+                           progress=not args.no_progress)
         total = time.perf_counter() - start
         if gpu:
             gpu_end.record()

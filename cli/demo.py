@@ -14,6 +14,7 @@ Mul-Adds at 64 px, and 64 px is already far above Fashion-MNIST's 28 px (README:
 --limit N makes a quicker run. Every step is an ordinary command that can be run by hand (the demo prints
 them), and every step resumes: run the demo again after an interruption and it continues where it stopped.
 """
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -51,7 +54,7 @@ def ensure_fashion_mnist(data_dir: Path = FASHION_MNIST_DIR) -> None:
     how = "sudo apt-get install dataset-fashion-mnist"
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise click.ClickException(f"Fashion-MNIST is not in {data_dir}: install it with `{how}` and run again")
-    click.echo("Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist ...", err=True)
+    log.info("Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist ...")
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]):
         if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
             raise click.ClickException(f"`{' '.join(cmd)}` failed: install the data with `{how}` and run again")
@@ -92,9 +95,9 @@ def demo_cmd(limit, lambdas, overwrite, progress):
 
     s = DEMO
     ensure_fashion_mnist()
-    click.echo(f"[1/3] python pipeline.py extract --backbone {s.backbone} --weights {s.weights} --dataset {s.dataset} "
+    log.info(f"[1/3] python pipeline.py extract --backbone {s.backbone} --weights {s.weights} --dataset {s.dataset} "
                f"--img-size {s.img_size}{'' if limit is None else f' --limit {limit}'} --out {s.cache}"
-               f"{' --overwrite' if overwrite else ''}", err=True)
+               f"{' --overwrite' if overwrite else ''}")
     try:
         cache = run_extraction(ExtractSettings(backbone=s.backbone, weights=s.weights, dataset=s.dataset,
                                                img_size=s.img_size, limit=limit, out=s.cache, overwrite=overwrite,
@@ -102,19 +105,19 @@ def demo_cmd(limit, lambdas, overwrite, progress):
     except ValueError as err:   # CacheError included: its advice to pass --overwrite holds for the demo too
         raise click.ClickException(str(err)) from None
     text = str(lambdas) if isinstance(lambdas, AutoLambdas) else ",".join(f"{x:g}" for x in lambdas)
-    click.echo(f"[2/3] python pipeline.py compare --cache {cache} --methods {','.join(s.methods)} --lambdas {text} "
-               f"--out {s.run}{' --overwrite' if overwrite else ''}", err=True)
+    log.info(f"[2/3] python pipeline.py compare --cache {cache} --methods {','.join(s.methods)} --lambdas {text} "
+               f"--out {s.run}{' --overwrite' if overwrite else ''}")
     settings = default_settings(device="cuda" if torch.cuda.is_available() else "cpu")
     use_threads(settings.device)          # stage two's thread count, as the commands choose it
     try:
         result = run_compare(cache, CompareSettings(lambdas, s.methods), settings, s.run,
-                             overwrite=overwrite, progress=progress, log=lambda m: click.echo(m, err=True))
+                             overwrite=overwrite, progress=progress)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"[3/3] python pipeline.py report {s.run}", err=True)
+    log.info(f"[3/3] python pipeline.py report {s.run}")
     click.echo(results_table([r for r in result.rows if r["method"] in ("jei", "single-exit")]))
     for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
+        log.warning(line)
     table = matched_costs([r for r in result.rows if r["method"] in ("jei", "threshold", "single-exit")], "test")
     click.echo("\ntest accuracy (%) at matched cost, each method's upper envelope:")
     click.echo(matched_table(table))

@@ -4,9 +4,13 @@
         --data-dir data --out t2t14-cifar100.pth
     python pipeline.py extract --backbone t2t_vit_14 --weights t2t14-cifar100.pth --dataset cifar100 --data-dir data
 """
+import logging
+
 import click
 
 from cli.extract import source_options
+
+log = logging.getLogger(__name__)
 
 
 @click.command("finetune")
@@ -58,6 +62,6 @@ def finetune_cmd(**options):
     same = "".join(f" {flag} {value}" for flag, value in (("--data-dir", settings.data_dir),
                                                           ("--img-size", settings.img_size),
                                                           ("--normalize", settings.normalize)) if value)
-    click.echo(f"next: python pipeline.py extract --backbone {settings.backbone} --weights {path} "
-               f"--dataset {settings.dataset}{same}", err=True)
+    log.info(f"next: python pipeline.py extract --backbone {settings.backbone} --weights {path} "
+               f"--dataset {settings.dataset}{same}")
     click.echo(str(path))

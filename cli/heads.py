@@ -10,6 +10,7 @@
 runs/<command>-<settings hash>. The training options mirror heads.train.bilevel.TrainSettings (appendix 9.1.2 defaults);
 torch and the training code are imported only when a command runs.
 """
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,8 @@ MAX_LAMBDAS = 10_000        # lambdas x grid values of one run: beyond this a ty
 MAX_EPOCHS = 100_000
 MAX_BUDGET_GB = 1e6          # --memory-budget: beyond this a typo (or inf), not a machine
 MIN_VAL_ROWS, MIN_TEST_ROWS = 20, 10   # V2 (half of val) and test feed bootstraps over 10 partitions
+
+log = logging.getLogger(__name__)
 
 
 class FiniteFloat(click.ParamType):
@@ -77,6 +80,10 @@ RUN_OPTIONS = (
                  help="Run directory (default: runs/<command>-<settings hash>)."),
     click.option("--overwrite", is_flag=True, help="Replace a run of other settings at --out."),
     click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
+    click.option("--tensorboard", type=click.Path(path_type=Path), default=None, metavar="DIR",
+                 callback=lambda ctx, param, value: _tensorboard(ctx, param, value),
+                 help="Also write the training history's scalars (history.parquet) for TensorBoard into DIR "
+                      "(needs the tensorboard package)."),
 )
 def _budget(ctx, param, value):
     if value is not None and not 0 < value <= MAX_BUDGET_GB:
@@ -223,13 +230,55 @@ def _one_process(command: str):
                                "their work across ranks: run `python pipeline.py " + command + " ...`")
 
 
-def _summarise(result):
+def _tensorboard(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise click.ClickException("--tensorboard: the tensorboard package is not installed (pip install "
+                                   "tensorboard)") from None
+    return value
+
+
+def write_tensorboard(run: Path, logdir: Path) -> None:
+    """RUN/history.parquet as TensorBoard scalars: one event folder per trial (DIR/trial-<id>-lam-<lam>), tags
+    <phase>/<column> (accuracy, cost, objective and their best_ values), step = the trial's epochs so far (warm-up,
+    then bi-level)."""
+    import pyarrow.parquet as pq
+    from torch.utils.tensorboard import SummaryWriter
+
+    from heads.results.rundir import HISTORY
+    path = Path(run) / HISTORY
+    if not path.exists():
+        log.warning(f"{path} does not exist: no TensorBoard scalars written")
+        return
+    trials = {}
+    for row in pq.read_table(path).to_pylist():
+        trials.setdefault(row["trial"], []).append(row)
+    for trial, rows in trials.items():
+        warm = sum(r["phase"] == "warmup" for r in rows)
+        writer = SummaryWriter(log_dir=str(Path(logdir) / f"trial-{trial}-lam-{rows[0]['lam']:g}"))
+        try:
+            for r in rows:
+                step = r["epoch"] + (warm if r["phase"] == "bilevel" else 0)
+                for name in ("accuracy", "cost", "objective", "best_accuracy", "best_cost", "best_objective"):
+                    if r[name] is not None and math.isfinite(r[name]):
+                        writer.add_scalar(f"{r['phase']}/{name}", r[name], step)
+        finally:
+            writer.close()
+    log.info(f"TensorBoard scalars of {len(trials)} trial(s) in {logdir}")
+
+
+def _summarise(result, tensorboard=None):
     if result is None:        # a torchrun rank other than 0: rank 0 writes and prints the run
         return
+    if tensorboard is not None:
+        write_tensorboard(result.path, tensorboard)
     from heads.results.report import results_table
     click.echo(results_table(result.rows))
     for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
+        log.warning(line)
     click.echo(f"run directory: {result.path}")
 
 
@@ -243,14 +292,15 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train one JEI-DNN model (IMs + gates) from a feature cache, evaluate it, write a run directory."""
     if not lam > 0:
         raise click.BadParameter(f"{lam} must be > 0", param_hint="--lam")
+    board = kwargs.pop("tensorboard")
     cache_path = _cache(cache_path)
     memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     from heads.sweep.sweep import SweepSettings, run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
-                                    command="train", overwrite=overwrite, progress=progress, log=click.echo,
+                                    command="train", overwrite=overwrite, progress=progress,
                                     memory=memory))
-    _summarise(result)
+    _summarise(result, board)
 
 
 @click.command("sweep")
@@ -266,6 +316,7 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
 def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train every lambda (x every grid combination) in one stacked pass, select per lambda on V2, record all."""
     from heads.sweep.sweep import SweepSettings, check_grid, grid_items, parse_grid, run_sweep
+    board = kwargs.pop("tensorboard")
     try:
         items = grid_items(parse_grid(grid))
     except ValueError as err:
@@ -278,8 +329,8 @@ def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, *
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--grid") from None
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings(lambdas, items, thresholds), settings,
-                                    out, overwrite=overwrite, progress=progress, log=click.echo, memory=memory))
-    _summarise(result)
+                                    out, overwrite=overwrite, progress=progress, memory=memory))
+    _summarise(result, board)
 
 
 @click.command("fit")
@@ -295,6 +346,7 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     """The most accurate model on V2 that spends --target-cost: the lambda sweep, each selected model's gates given
     per-exit thresholds fitted on V1 to that budget."""
     _one_process("fit")
+    board = kwargs.pop("tensorboard")
     from heads.sweep.fit import FitSettings, fit_target_cost
     try:
         fit = FitSettings(target_cost, lambdas, thresholds)
@@ -304,8 +356,8 @@ def fit_cmd(target_cost, lambdas, cache_path, out, overwrite, progress, threshol
     memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
     result = _run(lambda: fit_target_cost(_cache(cache_path), fit, settings, out, overwrite=overwrite,
-                                          progress=progress, log=click.echo, memory=memory))
-    _summarise(result)
+                                          progress=progress, memory=memory))
+    _summarise(result, board)
     chosen = {r["split"]: r for r in result.rows if r["method"] == "jei-budget" and r["selected"]}
     test, v2 = chosen["test"], chosen["v2"]
     how = (f"one threshold {test['exit_thresholds'][0]:.6g} on P(E|x) for every exit" if math.isnan(test["p"])
@@ -350,6 +402,7 @@ def _matched(rows, run, split):
 def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
     _one_process("compare")
+    board = kwargs.pop("tensorboard")
     from heads.sweep.compare import CompareSettings, run_compare
     cache_path = _cache(cache_path)
     memory = _memory(kwargs)
@@ -359,8 +412,8 @@ def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, threshol
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
-                                      progress=progress, log=click.echo, memory=memory))
-    _summarise(result)
+                                      progress=progress, memory=memory))
+    _summarise(result, board)
     _matched(result.rows, result.path, "test")
 
 
@@ -383,7 +436,7 @@ def report_cmd(run, lam, split, plots):
                f"(fingerprint {settings['cache']['fingerprint'][:12]}), settings {settings['settings_hash']}")
     click.echo(results_table(rows, split))
     for line in settings.get("warnings", []):
-        click.echo(f"warning: {line}", err=True)
+        log.warning(line)
     table = _matched(rows, run, split)
     if plots:
         for path in _run(lambda: write_plots(rows, run, lam, split) + write_compare_plots(rows, run, table, lam,

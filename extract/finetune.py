@@ -33,6 +33,7 @@ data order of an epoch and the random numbers of a step (augmentation, stochasti
 import contextlib
 import math
 import os
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +49,8 @@ from tqdm import tqdm
 from .backbones import backbone_data_config, load_backbone
 from .datasets import DATASETS, NO_FLIP, DataSettings, load_splits
 from .run import NORMALIZE, _device
+
+log = logging.getLogger(__name__)
 
 FORMAT = "jei-dnn-finetune/1"
 AUGMENTS = ("crop", "rrc", "none")
@@ -322,9 +325,9 @@ def run_finetune(s: FinetuneSettings) -> Path:
     if out.exists() and not s.overwrite:
         progress = _resume(out, args, model, optimizer, scheduler)
         if progress["epoch"] >= s.epochs:
-            print(f"{out} is already complete ({s.epochs} epochs): nothing to do", file=sys.stderr)
+            log.info(f"{out} is already complete ({s.epochs} epochs): nothing to do")
             return out
-        print(f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['step']}", file=sys.stderr)
+        log.info(f"resuming {out} at epoch {progress['epoch'] + 1}, step {progress['step']}")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
@@ -346,8 +349,8 @@ def run_finetune(s: FinetuneSettings) -> Path:
             "lr_head": optimizer.param_groups[1]["lr"], "seconds": time.perf_counter() - started})
         if s.progress:
             h = progress["history"][-1]
-            print(f"epoch {epoch}/{s.epochs}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f} | "
-                  f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}", file=sys.stderr)
+            log.info(f"epoch {epoch}/{s.epochs}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f} | "
+                     f"val loss {h['val_loss']:.4f} acc {h['val_acc']:.4f}")
         progress.update(_fresh_progress(), epoch=epoch, history=progress["history"])
         save()
     return out

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import queue
+import logging
 import sys
 import threading
 import time
@@ -35,6 +36,8 @@ from cache.store import DEFAULT_CHUNK_ROWS, FORMAT_VERSION, FORMATS, create_or_r
 from .backbones import backbone_data_config, load_backbone
 from .costs import exit_costs
 from .datasets import DATASETS, DataSettings, load_splits
+
+log = logging.getLogger(__name__)
 
 NORMALIZE = ("backbone", "dataset")   # mean/std: the backbone's pretrained config, or the dataset's statistics
 SPLITS = ("train", "val", "test")
@@ -210,7 +213,7 @@ def run_extraction(s: ExtractSettings) -> Path:
     out = Path(s.out) if s.out else default_out(s, manifest)
     writer = create_or_resume(out, manifest, layout, fmt=s.fmt, overwrite=s.overwrite)
     if writer.complete:
-        print(f"{out} is already complete (every chunk verified): nothing to do", file=sys.stderr)
+        log.info(f"{out} is already complete (every chunk verified): nothing to do")
     try:
         return _fill(s, writer, backbone, splits, layout, manifest, device, out)
     finally:
@@ -237,7 +240,7 @@ def _fill(s: ExtractSettings, writer, backbone, splits, layout, manifest, device
     path = writer.finish()
     if s.progress and total:
         elapsed = time.perf_counter() - started
-        print(f"{total} rows in {elapsed:.1f} s ({total / elapsed:.0f} img/s)", file=sys.stderr)
+        log.info(f"{total} rows in {elapsed:.1f} s ({total / elapsed:.0f} img/s)")
     return path
 
 
@@ -325,7 +328,7 @@ def _rank_work(s: ExtractSettings, ranks) -> Path | None:
     try:
         if setup["complete"]:
             if ranks.rank == 0:
-                print(f"{out} is already complete (every chunk verified): nothing to do", file=sys.stderr)
+                log.info(f"{out} is already complete (every chunk verified): nothing to do")
             return out if ranks.rank == 0 else None
         if ranks.rank:
             writer = open_rank_writer(setup["store"], ranks.rank)
@@ -345,8 +348,7 @@ def _rank_work(s: ExtractSettings, ranks) -> Path | None:
             progress.close()
         elapsed = time.perf_counter() - started
         if s.progress and rows and error is None:
-            print(f"rank {ranks.rank}/{ranks.world}: {rows} rows in {elapsed:.1f} s ({rows / elapsed:.0f} img/s)",
-                  file=sys.stderr)
+            log.info(f"rank {ranks.rank}/{ranks.world}: {rows} rows in {elapsed:.1f} s ({rows / elapsed:.0f} img/s)")
         failed = [r for r, e in enumerate(ranks.gather(error is not None)) if e]
         if error is not None:
             raise error
@@ -357,8 +359,8 @@ def _rank_work(s: ExtractSettings, ranks) -> Path | None:
         path = writer.finish()   # folds every rank's records, verifies every chunk, then `complete`
         if s.progress and progress.total:
             took = time.perf_counter() - started
-            print(f"{progress.total} rows on {ranks.world} ranks in {took:.1f} s ({progress.total / took:.0f} img/s)",
-                  file=sys.stderr)
+            log.info(f"{progress.total} rows on {ranks.world} ranks in {took:.1f} s "
+                     f"({progress.total / took:.0f} img/s)")
         return path
     finally:
         if writer is not None:

@@ -18,3 +18,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def logging_as_found():
+    """Every invocation of pipeline.py's group configures logging for the process (a stderr handler, this
+    program's logger levels): undone after each test, so that no test sees messages because another ran first."""
+    import logging
+
+    import pipeline
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, pipeline.TqdmHandler)]:
+        root.removeHandler(handler)
+    for name in (*pipeline.PACKAGES, "__main__"):
+        logging.getLogger(name).setLevel(logging.NOTSET)

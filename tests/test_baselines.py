@@ -1,5 +1,6 @@
 """Baselines and ablations (heads/baselines/thresholds.py, heads/baselines/methods.py) on tiny synthetic cached features."""
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -188,12 +189,13 @@ def test_boosted_training_lowers_the_ensemble_loss():
 
 # ---- every method end to end ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("frozen_last", [True, False])
-def test_every_method_end_to_end(frozen_last):
+def test_every_method_end_to_end(frozen_last, caplog):
     data, test = _data(frozen_last)
     bs = BaselineSettings(p_grid=(0.4, 1.0, 1.6), l2w_hidden=8)
     lambdas = (0.05, 1.0)
-    messages = []
-    points = run_baselines(data, test, METHODS, SETTINGS, bs, lambdas=lambdas, log=messages.append)
+    caplog.set_level(logging.INFO, logger="heads")
+    points = run_baselines(data, test, METHODS, SETTINGS, bs, lambdas=lambdas)
+    messages = [r.getMessage() for r in caplog.records if r.name == "heads.baselines"]
     by_method = {m: [pt for pt in points if pt.method == m] for m in METHODS}
     for m, pts in by_method.items():
         assert len(pts) == (len(lambdas) if m in LAMBDA_METHODS else len(bs.p_grid)), m

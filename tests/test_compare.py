@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import logging
 import math
 
 import click
@@ -99,8 +100,7 @@ def test_compare_writes_every_method_into_one_parquet(run, cache, tmp_path):
     assert [r["accuracy"] for r in singles] == pytest.approx(some_threshold["exit_acc_all"], abs=1e-12)
 
     # the JEI-DNN part is the sweep's, not a copy of it: same rows as `sweep` with the same settings
-    sweep = run_sweep(cache, SweepSettings(LAMBDAS), SETTINGS, tmp_path / "sweep", progress=False,
-                      log=lambda *_: None)
+    sweep = run_sweep(cache, SweepSettings(LAMBDAS), SETTINGS, tmp_path / "sweep", progress=False)
     for method in ("jei", "jei-threshold"):
         assert numbers([r for r in rows if r["method"] == method]) == numbers(
             [{k: r.get(k) for k in rows[0]} for r in sweep.rows if r["method"] == method])
@@ -110,6 +110,8 @@ def test_compare_writes_every_method_into_one_parquet(run, cache, tmp_path):
     assert settings["identity"]["command"] == "compare"
     assert sorted(p.stem for p in (out / rundir.PARTS).iterdir()) == sorted(METHODS)   # jei-budget: no training
     assert not [p for p in out.rglob("*.tmp")]
+    history = pq.read_table(out / rundir.HISTORY).to_pylist()          # the JEI-DNN trials' training curves
+    assert {h["trial"] for h in history} == {r["trial"] for r in rows if r["method"] == "jei"}
     assert "[boosted]" in output and "p=0.05" in output and "accuracy at matched cost" in output
 
 
@@ -187,21 +189,24 @@ def trained_methods(monkeypatch) -> list:
     return trained
 
 
-def test_rerun_reuses_finished_methods_and_trains_only_new_ones(cache, tmp_path, monkeypatch):
+def test_rerun_reuses_finished_methods_and_trains_only_new_ones(cache, tmp_path, monkeypatch, caplog):
     trained = trained_methods(monkeypatch)
     job = CompareSettings(LAMBDAS, ("jei", "threshold", "fixed-ims"), ())
-    first = run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, log=lambda *_: None)
+    first = run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False)
     assert trained == ["threshold", "fixed-ims"]
-    messages, trained[:] = [], []
+    trained[:] = []
     more = CompareSettings(LAMBDAS, ("jei", "threshold", "fixed-ims", "boosted"), ())
-    second = run_compare(cache, more, SETTINGS, tmp_path / "r", progress=False, log=messages.append)
+    caplog.set_level(logging.INFO, logger="heads")
+    caplog.clear()
+    second = run_compare(cache, more, SETTINGS, tmp_path / "r", progress=False)
+    messages = [r.getMessage() for r in caplog.records]
     assert trained == ["boosted"]                        # the others come from heads.safetensors and methods/
     assert any("re-using the trained heads" in m for m in messages)
     assert any("re-using the finished threshold rows" in m for m in messages)
     assert numbers([r for r in second.rows if r["method"] != "boosted"]) == numbers(first.rows)
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["methods"] == list(more.methods)
     trained[:] = []
-    run_compare(cache, job, SETTINGS, tmp_path / "r", overwrite=True, progress=False, log=lambda *_: None)
+    run_compare(cache, job, SETTINGS, tmp_path / "r", overwrite=True, progress=False)
     assert trained == ["threshold", "fixed-ims"]          # --overwrite retrains
 
 
@@ -292,16 +297,17 @@ def test_common_range_leaves_out_a_narrow_method_that_overlaps_nobody():
 
 
 def test_recipe_converged_trains_only_the_gates_on_converged_ims_and_explicit_options_win(cache, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, caplog):
     """--recipe converged, the default: the IMs warmed up until they stop improving, then the GATE state only, so
     its JEI-DNN models are the fixed-ims ablation's exactly (test_baselines shows they train the same; here they
     are re-used, not trained again); an option given explicitly overrides the recipe."""
     trained = trained_methods(monkeypatch)
     common = ["--cache", cache, "--lambdas", "0.1,1", "--methods", "jei,fixed-ims", "--batch-size", "32",
               "--device", "cpu", "--no-progress"]
+    caplog.set_level(logging.INFO, logger="heads")
     result = invoke("compare", *common, "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
-    assert trained == [] and "never leaves the GATE state" in result.output
+    assert trained == [] and "never leaves the GATE state" in caplog.text
     train = json.loads((tmp_path / "r" / "settings.json").read_text())["identity"]["train"]
     assert train == dataclasses.asdict(default_settings(batch_size=32, device="cpu"))
     assert (train["warmup_patience"], train["im_loss"], train["targets"]) == (3, "uniform", "ifmin")

@@ -21,7 +21,7 @@ def run(tmp_path_factory):
     cache = write_synthetic_cache(root / "c.zarr", {"train": 96, "val": 64, "test": 48}, 3, 8, 4, chunk_rows=16)
     settings = TrainSettings(max_epochs=3, batch_size=32, bi_switch=2, patience=2)
     run_sweep(cache, SweepSettings(LAMBDAS, (("lr", (0.01, 0.003)),), (0.3, 0.7)), settings, root / "run",
-              progress=False, log=lambda *_: None)
+              progress=False)
     return root / "run"
 
 

@@ -66,7 +66,7 @@ def run(request, tree):
                                    weights=str(tree / weights) if weights else None, img_size=32, batch_size=8,
                                    chunk_rows=8, device="cpu", out=str(cache), progress=False))
     result = run_sweep(cache, SweepSettings(LAMBDAS, thresholds=THRESHOLDS[1:]), TRAIN, tree / f"run-{request.param}",
-                       progress=False, log=lambda *a: None)
+                       progress=False)
     return result.path, cache
 
 

@@ -1,5 +1,6 @@
 """Lambda parsing, grids, and the stage-two CLI (train, sweep, fit) end to end on a tiny synthetic cache."""
 import json
+import logging
 import math
 
 import click
@@ -103,7 +104,7 @@ def test_cli_rejects_bad_input(tiny_cache, tmp_path):
 
 
 # ---- sweep ------------------------------------------------------------------------------------------------------
-def test_sweep_records_every_trial_and_is_reproducible(tiny_cache, tmp_path):
+def test_sweep_records_every_trial_and_is_reproducible(tiny_cache, tmp_path, caplog):
     args = ["sweep", "--cache", tiny_cache, "--lambdas", "0.1,1", "--grid", "warmup_epochs=1:2",
             "--grid", "lr=0.01,0.003", "--grid", "bi_switch=2,5", *FAST]
     first = invoke(*args, "--out", tmp_path / "a")
@@ -146,8 +147,9 @@ def test_sweep_records_every_trial_and_is_reproducible(tiny_cache, tmp_path):
 
     second = invoke(*args, "--out", tmp_path / "b")
     assert numbers(results(tmp_path / "b")[1]) == numbers(rows)
+    caplog.set_level(logging.INFO, logger="heads")
     again = invoke(*args, "--out", tmp_path / "a")       # same RUN: heads are re-used, numbers unchanged
-    assert "re-using the trained heads" in again.output
+    assert "re-using the trained heads" in caplog.text
     assert numbers(results(tmp_path / "a")[1]) == numbers(rows)
     assert second.output.splitlines()[0] == first.output.splitlines()[0]
 
@@ -235,7 +237,7 @@ def test_lambda_range_warnings():
     assert "short of their own targets" in found[0] and found[-1] == "suggested range: --lambdas 0.1:10"
 
 
-def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch):
+def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch, caplog):
     import heads.sweep.sweep as sweep
 
     def killed(*args, **kwargs):
@@ -253,8 +255,10 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "evaluating"
-    messages = []
-    result = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False, log=messages.append)
+    caplog.set_level(logging.INFO, logger="heads")
+    caplog.clear()
+    result = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("heads")]
     assert "re-using the trained heads" in messages[0] and result.settings["status"] == "complete"
     fresh = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "fresh", progress=False)
     assert numbers(result.rows) == numbers(fresh.rows)
@@ -271,14 +275,15 @@ def test_auto_lambdas_parse_and_bad_counts_are_one_line_errors():
         assert "\n" not in str(err.value)
 
 
-def test_sweep_by_default_uses_auto_lambdas_and_the_converged_recipe(tiny_cache, tmp_path):
+def test_sweep_by_default_uses_auto_lambdas_and_the_converged_recipe(tiny_cache, tmp_path, caplog):
     args = ["sweep", "--cache", tiny_cache, "--lambdas", "auto:4", "--warmup-epochs", "6", "--max-epochs", "8",
             "--batch-size", "32", "--device", "cpu", "--no-progress", "--thresholds", "none", "--out", tmp_path / "a"]
     import torch
+    caplog.set_level(logging.INFO, logger="heads")
     first = invoke(*args, "--threads", "2")
     threads, _ = torch.get_num_threads(), torch.set_num_threads(1)      # the option reached torch; restored
     assert first.exit_code == 0, first.output
-    assert threads == 2 and "lambdas auto: 4 from" in first.output
+    assert threads == 2 and "lambdas auto: 4 from" in caplog.text
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert settings["identity"]["lambdas"] == "auto:4"
     train = settings["identity"]["train"]
@@ -287,8 +292,9 @@ def test_sweep_by_default_uses_auto_lambdas_and_the_converged_recipe(tiny_cache,
     assert len(lambdas) == 4 and lambdas == sorted(lambdas) and lambdas[0] < lambdas[-1]
     rows = results(tmp_path / "a")[1]
     assert sorted({r["lam"] for r in rows if r["method"] == "jei"}) == lambdas
+    caplog.clear()
     again = invoke(*args)
-    assert again.exit_code == 0 and "re-using the trained heads" in again.output
+    assert again.exit_code == 0 and "re-using the trained heads" in caplog.text
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["lambdas"] == lambdas
 
 
@@ -313,3 +319,115 @@ def test_curves_in_the_first_pass_give_the_rows_of_a_separate_pass(tiny_cache, t
     chosen = {r["trial"] for r in fast.rows if r["method"] == "jei" and r["selected"]}
     assert curves == chosen and len(chosen) == 3
     assert not any(r["selected"] for r in fast.rows if r["method"] == "jei-threshold")
+
+
+# ---- training history and messages -----------------------------------------------------------------------------
+def test_sweep_writes_the_history_of_every_trial_and_epoch(tiny_cache, tmp_path):
+    """history.parquet: one row per trial and epoch trained, warm-up and bi-level; the bi-level rows run until the
+    trial stopped (its kept epoch + patience, or its budget), the kept epoch is the results' `epochs` and its V2
+    accuracy and cost are those results.parquet reports; a rerun that re-uses the heads keeps the history."""
+    import heads.sweep.sweep as sweep
+    settings = sweep.TrainSettings(max_epochs=6, warmup_epochs=2, batch_size=32, bi_switch=2, patience=2)
+    job = sweep.SweepSettings((0.1, 1.0), (("lr", (0.01, 0.03)),), ())
+    result = sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
+    table = pq.read_table(tmp_path / "r" / rundir.HISTORY)
+    assert table.schema.metadata[rundir.META_HASH].decode() == result.settings["settings_hash"]
+    assert {"trial", "group", "lam", "lr", "weight_decay", "warmup_epochs", "phase", "epoch", "accuracy", "cost",
+            "objective", "best_accuracy", "best_cost", "best_objective", "improved", "active",
+            "im_accuracy"} == set(table.column_names)
+    history = table.to_pylist()
+    keys = [(h["trial"], h["phase"], h["epoch"]) for h in history]
+    assert len(keys) == len(set(keys))
+    jei = {r["trial"]: r for r in result.rows if r["method"] == "jei" and r["split"] == "v2"}
+    assert len(jei) == 4 and {h["trial"] for h in history} == set(jei)
+    budget = settings.max_epochs - settings.warmup_epochs
+    for trial, row in jei.items():
+        mine = [h for h in history if h["trial"] == trial]
+        assert all(h[k] == row[k] for h in mine for k in ("lam", "lr", "weight_decay", "warmup_epochs"))
+        warm = [h for h in mine if h["phase"] == "warmup"]
+        assert [h["epoch"] for h in warm] == list(range(1, settings.warmup_epochs + 1))
+        assert all(len(h["im_accuracy"]) == N_EXITS - 1 and math.isnan(h["objective"]) for h in warm)
+        bilevel = [h for h in mine if h["phase"] == "bilevel"]
+        ran = min(budget, row["epochs"] + settings.patience)
+        assert [h["epoch"] for h in bilevel] == list(range(1, ran + 1))
+        assert max(h["epoch"] for h in bilevel if h["improved"]) == row["epochs"]
+        kept = bilevel[row["epochs"] - 1]
+        assert kept["accuracy"] == kept["best_accuracy"] == bilevel[-1]["best_accuracy"]
+        assert kept["accuracy"] == pytest.approx(row["accuracy"], abs=1e-9)
+        assert kept["cost"] == pytest.approx(row["cost_norm"], rel=1e-6)      # training: float32 costs
+        assert bilevel[-1]["best_objective"] == kept["objective"] == min(h["objective"] for h in bilevel)
+        assert all(h["active"] for h in bilevel[:-1]) and not bilevel[-1]["active"]
+    selected = [r for r in jei.values() if r["selected"]]
+    assert len(selected) == 2
+    for row in selected:                                   # the selected state's V2 accuracy is in the history
+        assert any(h["trial"] == row["trial"] and h["phase"] == "bilevel" and h["epoch"] == row["epochs"]
+                   and h["best_accuracy"] == pytest.approx(row["accuracy"], abs=1e-9) for h in history)
+    before = (tmp_path / "r" / rundir.HISTORY).read_bytes()
+    sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)   # re-uses the heads
+    assert (tmp_path / "r" / rundir.HISTORY).read_bytes() == before
+
+
+def test_quiet_drops_messages_and_keeps_the_results(tiny_cache, tmp_path):
+    from pipeline import cli as pipeline_cli
+    args = ["sweep", "--cache", tiny_cache, "--lambdas", "0.1,1", "--out", tmp_path / "r", *FAST]
+    first = CliRunner().invoke(pipeline_cli, [str(a) for a in args])
+    assert first.exit_code == 0, first.output
+    quiet = CliRunner().invoke(pipeline_cli, ["--quiet", *map(str, args)])
+    assert quiet.exit_code == 0, quiet.output
+    assert "re-using the trained heads" not in quiet.output
+    assert "run directory:" in quiet.output and "test accuracy" in quiet.output        # the result: stdout
+    loud = CliRunner().invoke(pipeline_cli, [str(a) for a in args])
+    assert loud.exit_code == 0 and "re-using the trained heads" in loud.output
+    both = CliRunner().invoke(pipeline_cli, ["--quiet", "--verbose", *map(str, args)])
+    assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def test_log_lines_are_plain_for_info_and_prefixed_above(capsys):
+    import pipeline
+    say = logging.getLogger("heads.sweep.sweep")
+    pipeline.configure_logging(logging.INFO)
+    say.debug("hidden")
+    say.info("plain")
+    say.warning("careful")
+    logging.getLogger("numba.core").info("not ours")
+    assert capsys.readouterr().err == "plain\nWARNING: careful\n"
+    pipeline.configure_logging(logging.WARNING)                # --quiet
+    say.info("plain")
+    say.error("broken")
+    pipeline.configure_logging(logging.DEBUG)                  # --verbose; one handler, however often configured
+    say.debug("detail")
+    assert capsys.readouterr().err == "ERROR: broken\nDEBUG: detail\n"
+
+
+def test_tensorboard_gets_the_history_or_a_one_line_error(tiny_cache, tmp_path, monkeypatch):
+    import sys
+    import types
+    from pathlib import Path
+    args = ["sweep", "--cache", tiny_cache, "--lambdas", "0.1,1", "--out", tmp_path / "r", *FAST,
+            "--tensorboard", tmp_path / "tb"]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)          # not installed
+    missing = invoke(*args)
+    assert missing.exit_code == 1 and "tensorboard package is not installed" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()                                     # refused before any work
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.folder = Path(log_dir)
+
+        def add_scalar(self, tag, value, step):
+            written.append((self.folder.parent, self.folder.name, tag, value, step))
+
+        def close(self):
+            pass
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    history = pq.read_table(tmp_path / "r" / rundir.HISTORY).to_pylist()
+    assert len([w for w in written if w[2].endswith("/accuracy") and "best" not in w[2]]) == len(history)
+    for h in history:
+        warm = sum(g["phase"] == "warmup" for g in history if g["trial"] == h["trial"])
+        step = h["epoch"] + (warm if h["phase"] == "bilevel" else 0)
+        assert (tmp_path / "tb", f"trial-{h['trial']}-lam-{h['lam']:g}", f"{h['phase']}/accuracy", h["accuracy"],
+                step) in written

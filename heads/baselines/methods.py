@@ -33,6 +33,7 @@ threshold-gated method), "epochs"}, plus {"p", "fractions", "thresholds", "v1_ex
 {"lam"} for the learned-gate methods.
 """
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ from heads.train.bilevel import (
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")
 LAMBDA_METHODS = ("fixed-ims", "diffbranch")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -432,8 +435,8 @@ def gated_points(method: str, heads: StackedHeads, lambdas, v2: Split, test: Spl
 
 
 def run_baselines(data: TrainData, test: Split, methods, settings: TrainSettings,
-                  baseline_settings: BaselineSettings = BaselineSettings(), lambdas=(), warm: WarmState | None = None,
-                  log: Callable[[str], None] | None = None) -> list[MethodPoint]:
+                  baseline_settings: BaselineSettings = BaselineSettings(), lambdas=(), warm: WarmState | None = None
+                  ) -> list[MethodPoint]:
     """Train and gate every requested method (names in METHODS) from the cache; return their operating points.
 
     test: the test split, resident or streamed (same exits and frozen-logit convention as data). lambdas: the cost
@@ -449,7 +452,6 @@ def run_baselines(data: TrainData, test: Split, methods, settings: TrainSettings
         raise ValueError(f"{' and '.join(m for m in methods if m in LAMBDA_METHODS)} need lambdas")
     if len(test.exit_dims) != len(data.exit_dims) or test.has_logits == data.trains_last:
         raise ValueError("the test split does not match the training data (number of exits or frozen last logits)")
-    say = log or (lambda _msg: None)
     bs = baseline_settings
     splits = {"v1": data.v1, "v2": data.v2, "test": test}
     labels = {name: split.labels.cpu().numpy() for name, split in splits.items()}
@@ -460,7 +462,7 @@ def run_baselines(data: TrainData, test: Split, methods, settings: TrainSettings
     warm_seconds = 0.0
     if warm_users and (warm is None or not warm.reaches(need_warm)
                        or (settings.lr, settings.weight_decay) not in warm.optim):
-        say(f"warm-up: {need_warm} epochs")
+        log.info(f"warm-up: {need_warm} epochs")
         t0 = time.perf_counter()
         long = dataclasses.replace(settings, max_epochs=need_warm + 1, warmup_epochs=need_warm)
         warm = warmup(data, long)
@@ -468,7 +470,7 @@ def run_baselines(data: TrainData, test: Split, methods, settings: TrainSettings
 
     points = []
     for method in methods:
-        say(f"baseline {method}")
+        log.info(f"baseline {method}")
         t0 = time.perf_counter()
         if method in ("threshold", "threshold-warmup", "boosted", "l2w"):
             if method == "boosted":

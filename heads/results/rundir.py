@@ -9,6 +9,9 @@
                             holds the warm-up IMs behind the single-exit rows
     RUN/heads.json          the index: {"settings_hash", "groups": [{"group", "settings" (that pass's TrainSettings),
                             "trials": [{"trial", "lam", grid values...} in stack order], "seconds"}]}
+    RUN/history.parquet     the training curves: one row per trial and epoch trained (warm-up and bi-level), columns
+                            below; written with the heads, the run's settings_hash in the schema metadata
+                            (b"jei.settings_hash"); kept when a rerun re-uses the heads
     RUN/results.parquet     one row per trial and split, columns below; the schema metadata holds the settings.json
                             object (key b"jei.settings", JSON) and the cache fingerprint (b"jei.cache_fingerprint")
     RUN/*.png               plots written by `report` (heads/results/report.py)
@@ -18,9 +21,11 @@
                             the run's settings_hash in the schema metadata; a rerun of the same settings re-uses them
 
 Every file is written to a temporary name in RUN and renamed over the old one, so a killed run never leaves a
-half-written file. settings.json is written before training starts (status "training"), the heads as soon as
-training ends, results.parquet last; rerunning the same command into the same RUN re-uses heads of identical
-settings (heads/sweep/sweep.py). One process writes a run directory at a time (lock_run: RUN.lock beside it).
+half-written file. settings.json is written before training starts (status "training"), the heads and
+history.parquet as soon as training ends, results.parquet last; rerunning the same command into the same RUN
+re-uses heads of identical settings (heads/sweep/sweep.py) and keeps the history of their training; a run killed during
+training writes neither and trains again from the start. One process writes a run directory at a time (lock_run:
+RUN.lock beside it).
 Everything read back is checked, and a damaged file is a one-line RunFileError naming it: JSON that does not
 parse, heads with NaN/Inf or shapes that do not fit the run's cache, a results.parquet that is not this run's
 (report refuses results left by an earlier run that --overwrite replaced), method parts whose rows do not match
@@ -71,6 +76,25 @@ Columns of results.parquet (null where a column does not apply to a row's method
     seconds           wall time of the stacked pass that trained the trial divided by its number of trials (the
                       warm-up time for single-exit rows); compare baselines: the method's training time divided by
                       its number of operating points
+
+Columns of history.parquet (JEI-DNN trials of sweep, train, fit and compare's jei part; every value measured on V2
+after the epoch, as heads/train/bilevel.py measures it for early stopping):
+    trial, group      the trial id (as in results.parquet) and its stacked pass (heads.json)
+    lam, lr, weight_decay, warmup_epochs   what identifies the trial, as in results.parquet, and one more column
+                      per other gridded TrainSettings field
+    phase             "warmup" (the IMs' warm-up the trial starts from, epochs 1..warmup_epochs; shared by the
+                      trials of one (lr, weight_decay) pair, repeated for each) or "bilevel"
+    epoch             1-based within the phase; a bi-level row of epoch == results' `epochs` is the kept state
+    accuracy          this epoch's state: warm-up, the mean over the trained IMs of each one's accuracy on all V2
+                      samples; bi-level, the accuracy at the exits taken (gate threshold 0.5)
+    cost, objective   bi-level, this epoch's state: mean normalised cost at the exits taken, and the early-stopping
+                      objective mean(CE + lam IC_norm) there; NaN for warm-up rows
+    best_accuracy, best_cost, best_objective   the kept state after this epoch (warm-up: the mean over IMs of each
+                      one's best accuracy so far, cost and objective NaN; bi-level: the state with the lowest
+                      objective so far, the one results.parquet evaluates)
+    improved          bi-level: this epoch's state became the kept one; warm-up: null
+    active            bi-level: the trial trains on after this epoch (no early stop, epochs left); warm-up: null
+    im_accuracy       warm-up: list, each trained IM's accuracy this epoch; bi-level: null
 """
 import hashlib
 import json
@@ -88,6 +112,7 @@ SETTINGS = "settings.json"
 RESULTS = "results.parquet"
 HEADS = "heads.safetensors"
 HEADS_INDEX = "heads.json"
+HISTORY = "history.parquet"
 META_SETTINGS = b"jei.settings"
 META_FINGERPRINT = b"jei.cache_fingerprint"
 META_HASH = b"jei.settings_hash"
@@ -111,7 +136,7 @@ def clear_outputs(run: Path) -> None:
     """Removes what an earlier run left that the new one may not rewrite (results, plots, matched costs, method
     parts), so that no file of the old run is ever read as the new one's."""
     run = Path(run)
-    for path in [run / RESULTS, run / MATCHED, *run.glob(PLOTS), *(run / PARTS).glob("*.parquet")]:
+    for path in [run / RESULTS, run / HISTORY, run / MATCHED, *run.glob(PLOTS), *(run / PARTS).glob("*.parquet")]:
         path.unlink(missing_ok=True)
 
 
@@ -207,6 +232,13 @@ def uniform_rows(rows: list[dict]) -> list[dict]:
     """Every row with every column (None where absent), so that Parquet sees one schema."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def write_history(run: Path, rows: list[dict], settings_hash_: str) -> None:
+    """RUN/history.parquet: one row per trial and epoch trained (columns above), the settings_hash in the metadata."""
+    table = pa.Table.from_pylist(uniform_rows(rows))
+    table = table.replace_schema_metadata({META_HASH: settings_hash_.encode()})
+    _atomic_write(Path(run) / HISTORY, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_part(run: Path, name: str, rows: list[dict], settings_hash_: str) -> None:

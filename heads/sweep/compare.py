@@ -29,6 +29,7 @@ methods) re-uses the saved JEI-DNN heads (re-evaluated) and every finished basel
 --overwrite retrains everything.
 """
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from heads.train.bilevel import TrainSettings
 
 BUDGET_METHOD = "jei-budget"
 COMPARE_METHODS = ("jei", BUDGET_METHOD, *METHODS)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,12 @@ def shared_warmup(session: Session, settings: TrainSettings):
     return session.warmed(longer, [{"lam": 0.0, "warmup_epochs": settings.max_epochs}])
 
 
-def _jei_groups(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
-                log) -> list[dict]:
+def _jei_groups(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings) -> list[dict]:
     """Saved heads groups when they hold what is asked (JEI-DNN when requested), else trained now and saved."""
     want_jei = "jei" in compare.methods
     saved = run.saved_groups(settings.device) if run.saved is not None else []
     if saved and (not want_jei or any(g["group"] != REFERENCE_GROUP for g in saved)):
-        log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+        log.info(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
         return [g for g in saved if want_jei or g["group"] == REFERENCE_GROUP]
     trials = expand_trials(compare.lambdas, ())
     start = time.perf_counter()
@@ -213,24 +215,24 @@ def _jei_as_fixed_ims(session: Session, groups: list[dict], compare: CompareSett
 
 
 def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
-                   groups: list[dict], reuse: bool, log) -> list[dict]:
+                   groups: list[dict], reuse: bool) -> list[dict]:
     test = session.test
     rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
     methods = [m for m in compare.methods if m in METHODS]
     for method in tqdm(methods, desc="baselines", unit="method", leave=False, disable=not session.progress):
         done = rundir.read_part(run.out, method, run.digest) if reuse else None
         if done is not None:
-            log(f"re-using the finished {method} rows in {run.out / rundir.PARTS}")
+            log.info(f"re-using the finished {method} rows in {run.out / rundir.PARTS}")
         else:
             start = time.perf_counter()
             jei = _jei_as_fixed_ims(session, groups, compare, settings) if method == "fixed-ims" else None
             if jei is not None:
-                log("fixed-ims: under these settings JEI-DNN never leaves the GATE state, so its models are these")
+                log.info("fixed-ims: under these settings JEI-DNN never leaves the GATE state, so its models are these")
                 points = gated_points(method, jei["heads"], compare.lambdas, session.data.v2, test,
                                       {"train_seconds": jei["seconds"]})
             else:
                 points = run_baselines(session.data, test, [method], settings, compare.baselines, compare.lambdas,
-                                       warm=shared_warmup(session, settings), log=log)
+                                       warm=shared_warmup(session, settings))
             done = point_rows(session, points, settings)
             seconds[method] = time.perf_counter() - start
             rundir.write_part(run.out, method, done, run.digest)
@@ -240,7 +242,7 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
 
 
 def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, out, overwrite: bool = False,
-                progress: bool = True, log=print, memory: MemorySettings = MemorySettings()) -> RunResult:
+                progress: bool = True, memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train, evaluate and record every requested method (module docstring); returns the run's rows."""
     from cache.store import open_cache
 
@@ -254,11 +256,11 @@ def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, o
         else:
             if isinstance(compare.lambdas, AutoLambdas):
                 shared_warmup(session, settings)                  # first: the auto lambdas start from its IMs
-            run.lambdas = resolve_lambdas(session, settings, compare.lambdas, (), log)
+            run.lambdas = resolve_lambdas(session, settings, compare.lambdas, ())
         compare = dataclasses.replace(compare, lambdas=tuple(run.lambdas))
         run.write_status("training")
-        groups = _jei_groups(session, run, compare, settings, log)
-        baseline_rows = _baseline_rows(session, run, compare, settings, groups, not overwrite, log)
+        groups = _jei_groups(session, run, compare, settings)
+        baseline_rows = _baseline_rows(session, run, compare, settings, groups, not overwrite)
         run.write_status("evaluating")
         start = time.perf_counter()
         rows = evaluate_trials(session, groups, compare.thresholds)

@@ -75,7 +75,7 @@ def _shared_point(model, threshold: float) -> MethodPoint:
 
 
 def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, overwrite: bool = False,
-                    progress: bool = True, log=print, memory: MemorySettings = MemorySettings()) -> RunResult:
+                    progress: bool = True, memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train the sweep, move each selected model to the target cost, keep the most accurate on V2 (module doc)."""
     from cache.store import open_cache
 
@@ -89,7 +89,7 @@ def fit_target_cost(cache_path, fit: FitSettings, settings: TrainSettings, out, 
         if not fit.target_cost > first:
             raise ValueError(f"a target cost of {fit.target_cost:g} is not above the first exit's cost {first:.3f}: "
                              "no model can spend less")
-        groups, _ = trained_groups(run, session, settings, fit.lambdas, (), log)
+        groups, _ = trained_groups(run, session, settings, fit.lambdas, ())
         run.write_status("evaluating")
         start = time.perf_counter()
         rows = [row for g in groups if g["group"] != REFERENCE_GROUP for row in evaluate_group(session, g)]

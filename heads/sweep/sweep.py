@@ -21,13 +21,15 @@ runs the same warm-up, then trains every N-th trial of each stacked pass and eva
 run directory, gathers the heads (merge_groups: the one-process trial order) and the rows, and finishes the run as
 one process would. Equal to a one-process run up to the rounding a stack's width brings (README, Stage two).
 
-Interruption: settings.json is written before training; the heads are saved as soon as training ends; the
-results last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
+Interruption: settings.json is written before training; the heads are saved as soon as training ends, with
+history.parquet (every trial's warm-up and bi-level epochs, from heads.train's per-epoch reports); the results
+last. Rerunning the same command into the same RUN re-uses saved heads of identical settings (training is
 skipped, evaluation redone); a run killed during training starts its training again (the warm-up and bi-level
 phase keep no mid-epoch state, and the warm-up takes a few epochs of one model).
 """
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ DEFAULT_THRESHOLDS = (0.2, 0.35, 0.65, 0.8)   # gate thresholds besides 0.5 for 
 WARMUP_FIELDS = ("batch_size", "seed", "device", "warmup_patience")   # the TrainSettings fields the warm-up depends on
 REFERENCE_GROUP = "warmup"                         # heads group holding the warm-up IMs (single-exit rows)
 ONE_PROCESS = torchrun.OneProcess()
+
+log = logging.getLogger(__name__)
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------------
@@ -304,12 +308,62 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
             continue
         budget = max(pass_settings.max_epochs - t.get("warmup_epochs", pass_settings.warmup_epochs) for t in members)
         bar = EpochBar("bilevel", budget, [t["lam"] for t in members], session.progress)
+        identity = [_history_identity(str(number), t, pass_settings) for t in members]
+        history, kept = warmup_history(warm, identity), [math.inf] * len(members)
+        budgets = [pass_settings.max_epochs - t["warmup_epochs"] for t in identity]
+
+        def progress(report: EpochReport, bar=bar, identity=identity, history=history, kept=kept, budgets=budgets):
+            bar(report)
+            history.extend(bilevel_history(report, identity, kept, budgets))
         start = time.perf_counter()
-        heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, bar)
+        heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, progress)
         bar.close()
         groups.append({"group": str(number), "settings": dataclasses.asdict(pass_settings), "trials": members,
-                       "heads": heads, "seconds": time.perf_counter() - start})
+                       "heads": heads, "seconds": time.perf_counter() - start, "history": history})
     return groups
+
+
+# ---- training history (RUN/history.parquet, columns: heads/results/rundir.py) ----------------------------------------
+def _history_identity(group: str, trial: dict, settings: TrainSettings) -> dict:
+    """What identifies a trial in its history rows: trial id, pass, lam, lr, weight decay, warm-up epochs and any
+    other gridded value (as in results.parquet)."""
+    return {"trial": trial["trial"], "group": group, "lam": trial["lam"],
+            **{k: getattr(settings, k) for k in TRIAL_KEYS if k != "lam"},
+            **{k: v for k, v in trial.items() if k not in ("trial", "lam")}}
+
+
+def warmup_history(warm, identity: list[dict]) -> list[dict]:
+    """Per trial, one row per warm-up epoch it starts from (1..its warmup_epochs, at most the epochs the warm-up
+    ran), from the WarmState's per-epoch V2 accuracies of its (lr, weight decay) pair."""
+    rows = []
+    for ident in identity:
+        j = warm.optim.index((ident["lr"], ident["weight_decay"]))
+        accuracy = warm.v2_accuracy[:, j].double()                         # (epochs, n_ims)
+        best = accuracy.cummax(0).values
+        for w in range(min(int(ident["warmup_epochs"]), warm.epochs)):
+            rows.append({**ident, "phase": "warmup", "epoch": w + 1, "accuracy": float(accuracy[w].mean()),
+                         "cost": math.nan, "objective": math.nan, "best_accuracy": float(best[w].mean()),
+                         "best_cost": math.nan, "best_objective": math.nan, "improved": None, "active": None,
+                         "im_accuracy": accuracy[w].tolist()})
+    return rows
+
+
+def bilevel_history(report: EpochReport, identity: list[dict], kept: list[float], budgets: list[int]) -> list[dict]:
+    """One row per trial that trained in this bi-level epoch (its current and kept V2 values); kept: each trial's
+    best objective before this epoch, updated (heads.train.train_stack keeps a state whose objective is lower);
+    budgets: each trial's bi-level epochs at most."""
+    rows = []
+    for i, ident in enumerate(identity):
+        if math.isnan(report.epoch_objective[i]):
+            continue
+        improved, kept[i] = report.epoch_objective[i] < kept[i], report.objective[i]
+        rows.append({**ident, "phase": "bilevel", "epoch": report.epoch, "accuracy": report.epoch_accuracy[i],
+                     "cost": report.epoch_cost[i], "objective": report.epoch_objective[i],
+                     "best_accuracy": report.accuracy[i], "best_cost": report.cost[i],
+                     "best_objective": report.objective[i],
+                     "improved": improved, "active": report.active[i] and report.epoch < budgets[i],
+                     "im_accuracy": None})
+    return rows
 
 
 def warm_heads(session: Session, settings: TrainSettings, warm,
@@ -439,9 +493,10 @@ def cross_entropy(session: Session, heads: StackedHeads, split: str) -> np.ndarr
     return exit_cross_entropy(torch.from_numpy(logits[0]).double(), torch.from_numpy(labels).long()).numpy()
 
 
-def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple = (), log=print) -> list[float]:
+def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple = (),
+                    announce: bool = True) -> list[float]:
     """Explicit lambdas as given; AutoLambdas from the warm-up (run first when needed) of the IMs the bi-level phase
-    starts from: auto_lambdas on their V1 losses."""
+    starts from: auto_lambdas on their V1 losses (logged at INFO when `announce`, else at DEBUG)."""
     if not isinstance(spec, AutoLambdas):
         return sorted(float(x) for x in spec)
     warm = session.warmed(settings, expand_trials([1.0], grid))
@@ -452,7 +507,8 @@ def resolve_lambdas(session: Session, settings: TrainSettings, spec, grid: tuple
     best = int(np.argmax(accuracy))
     ce = cross_entropy(session, heads, "v1")
     lambdas = auto_lambdas(ce, ic_norm, spec.points)
-    log(f"lambdas auto: {spec.points} from {lambdas[0]:.3g} to {lambdas[-1]:.3g}; the targets ask for cost "
+    say = log.info if announce else log.debug
+    say(f"lambdas auto: {spec.points} from {lambdas[0]:.3g} to {lambdas[-1]:.3g}; the targets ask for cost "
         f"{target_cost(ce, ic_norm, lambdas[0]):.3f} to {target_cost(ce, ic_norm, lambdas[-1]):.3f} on V1 (the best "
         f"single exit on V2: exit {best + 1} at cost {ic_norm[best]:.3f})")
     return lambdas
@@ -558,8 +614,14 @@ class Run:
                  "heads": StackedHeads.from_state_dict(g["state"], device)} for g in self.saved["groups"]]
 
     def save_groups(self, groups: list[dict]) -> None:
+        """The heads, and the history of the groups trained now (RUN/history.parquet, in trial and epoch order)."""
         rundir.save_heads(self.out, [{**{k: g[k] for k in ("group", "settings", "trials", "seconds")},
                                       "state": g["heads"].state_dict()} for g in groups], self.digest)
+        history = [r for g in groups for r in g.get("history", [])]
+        if history:
+            phases = {"warmup": 0, "bilevel": 1}
+            history.sort(key=lambda r: (r["trial"], phases[r["phase"]], r["epoch"]))
+            rundir.write_history(self.out, history, self.digest)
 
     def finish(self, session: Session, groups: list[dict], rows: list[dict], selected: set, thresholds,
                warn: bool) -> RunResult:
@@ -587,19 +649,19 @@ class Run:
         return RunResult(self.out, rows, settings, warnings)
 
 
-def trained_groups(run: Run | None, session: Session, settings: TrainSettings, lambdas, grid: tuple, log,
+def trained_groups(run: Run | None, session: Session, settings: TrainSettings, lambdas, grid: tuple,
                    ranks=ONE_PROCESS) -> tuple[list[dict], list[dict]]:
     """The run's heads groups (sweep trials + the warm-up reference): the saved ones when the run directory holds
     heads of these settings, else trained now (auto lambdas resolved after the warm-up) and saved; and the groups
     this rank trained (under torchrun its share of every pass, merge_groups; run is None on ranks > 0, which get
     no merged groups)."""
     if run is not None and run.saved is not None:
-        log(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
+        log.info(f"re-using the trained heads in {run.out} (same settings); delete {rundir.HEADS} there to retrain")
         groups = run.saved_groups(settings.device)
         run.lambdas = sorted({t["lam"] for g in groups for t in g["trials"]})
         return groups, groups
     start = time.perf_counter()
-    chosen = ranks.broadcast(resolve_lambdas(session, settings, lambdas, grid, log if run is not None else _quiet))
+    chosen = ranks.broadcast(resolve_lambdas(session, settings, lambdas, grid, announce=run is not None))
     if run is not None:
         run.lambdas = chosen
         run.write_status("training")
@@ -618,10 +680,6 @@ def trained_groups(run: Run | None, session: Session, settings: TrainSettings, l
     return groups, mine
 
 
-def _quiet(*_):
-    pass
-
-
 def merge_groups(parts: list[list[dict]], device) -> list[dict]:
     """The groups of a one-process run from every rank's share (heads as state dicts): per pass, the trials of all
     ranks in trial order (as train_groups stacks them in one process), heads likewise."""
@@ -637,12 +695,13 @@ def merge_groups(parts: list[list[dict]], device) -> list[dict]:
         state = {k: torch.cat([p["heads"][k] for p in pieces]) for k in pieces[0]["heads"]}
         merged.append({"group": number, "settings": pieces[0]["settings"], "trials": [trials[i] for i in order],
                        "heads": StackedHeads.from_state_dict(state, device).select(order),
-                       "seconds": max(p["seconds"] for p in pieces)})
+                       "seconds": max(p["seconds"] for p in pieces),
+                       "history": [r for p in pieces for r in p.get("history", [])]})
     return merged
 
 
 def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, command: str = "sweep",
-              overwrite: bool = False, progress: bool = True, log=print,
+              overwrite: bool = False, progress: bool = True,
               memory: MemorySettings = MemorySettings()) -> RunResult:
     """Train, evaluate and record every lambda x grid trial (module docstring)."""
     from cache.store import open_cache
@@ -662,7 +721,7 @@ def run_sweep(cache_path, sweep: SweepSettings, settings: TrainSettings, out, co
                     return None
                 ranks = ONE_PROCESS
             session = Session(cache, local, progress and ranks.rank == 0, plan)
-            groups, mine = trained_groups(run, session, local, sweep.lambdas, sweep.grid, log, ranks)
+            groups, mine = trained_groups(run, session, local, sweep.lambdas, sweep.grid, ranks)
             if run is not None:
                 run.write_status("evaluating")
             start = time.perf_counter()

@@ -339,14 +339,19 @@ def exited_metrics(heads: StackedHeads, split: SplitTensors, lam, ic_norm) -> di
 @dataclass
 class EpochReport:
     """What the progress hook sees after every epoch. Warm-up: accuracy = best V2 accuracy of each IM (best over
-    the (lr, weight_decay) pairs), cost empty. Bi-level: per trial, V2 accuracy and normalised cost of its kept
-    (best) state, and whether it is still training."""
+    the (lr, weight_decay) pairs), the other lists empty. Bi-level: per trial, V2 accuracy, normalised cost and
+    objective (the early-stopping value) of its kept (best) state, whether it is still training, and the V2
+    accuracy, cost and objective of this epoch's state (NaN for trials that did not train this epoch)."""
     phase: str                # "warmup" | "bilevel"
     epoch: int                # 1-based within the phase
     epochs: int               # epochs of the phase at most
     accuracy: list[float]
     cost: list[float] = field(default_factory=list)
     active: list[bool] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)
+    epoch_accuracy: list[float] = field(default_factory=list)
+    epoch_cost: list[float] = field(default_factory=list)
+    epoch_objective: list[float] = field(default_factory=list)
 
 
 Progress = Callable[[EpochReport], None]
@@ -566,8 +571,13 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
         best.epochs_trained[improved.cpu()] = epoch + 1
         active &= tracker.stale < settings.patience
         if progress is not None:
+            now = {k: torch.full((n_trials,), math.nan, dtype=torch.float64, device=device)
+                   for k in ("accuracy", "cost", "objective")}
+            for k, values in now.items():
+                values[stack] = v2[k].to(values)
             progress(EpochReport("bilevel", epoch + 1, n_epochs, best_acc.tolist(), best_cost.tolist(),
-                                 active.tolist()))
+                                 active.tolist(), tracker.best.tolist(), now["accuracy"].tolist(),
+                                 now["cost"].tolist(), now["objective"].tolist()))
     return best
 
 
