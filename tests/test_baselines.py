@@ -195,7 +195,7 @@ def test_every_method_end_to_end(frozen_last, caplog):
     lambdas = (0.05, 1.0)
     caplog.set_level(logging.INFO, logger="heads")
     points = run_baselines(data, test, METHODS, SETTINGS, bs, lambdas=lambdas)
-    messages = [r.getMessage() for r in caplog.records if r.name == "heads.baselines"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "heads.baselines.methods"]
     by_method = {m: [pt for pt in points if pt.method == m] for m in METHODS}
     for m, pts in by_method.items():
         assert len(pts) == (len(lambdas) if m in LAMBDA_METHODS else len(bs.p_grid)), m
