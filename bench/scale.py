@@ -52,7 +52,8 @@ def epoch_child(cache_path: str, mode: str, budget_gb: float, lambdas: int) -> d
 
     from cache.store import open_cache
     from heads.train.stream import MemorySettings, plan_memory
-    from heads.sweep.sweep import Session, evaluate_group
+    from heads.sweep.rows import evaluate_group
+    from heads.sweep.session import Session
     from heads.train.bilevel import default_settings, train_stack, warmup
     settings = default_settings(max_epochs=1, warmup_epochs=0, warmup_patience=0)
     before = peak_rss()

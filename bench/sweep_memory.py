@@ -25,7 +25,8 @@ from bench.sweep_speed import FULL, SMALL  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from cache.store import open_cache  # noqa: E402
 from heads.train.stream import MemorySettings  # noqa: E402
-from heads.sweep.sweep import SweepSettings, parse_lambdas, run_sweep  # noqa: E402
+from heads.sweep.lambdas import SweepSettings, parse_lambdas  # noqa: E402
+from heads.sweep.sweep import run_sweep
 from heads.train.bilevel import TrainSettings  # noqa: E402
 
 

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 from cache.store import open_cache  # noqa: E402
 from cache.synthetic import write_synthetic_cache  # noqa: E402
 from heads.cpu import use_threads  # noqa: E402
-from heads.sweep.sweep import Session, SweepSettings, parse_lambdas, run_sweep  # noqa: E402
+from heads.sweep.lambdas import SweepSettings, parse_lambdas  # noqa: E402
+from heads.sweep.session import Session
+from heads.sweep.sweep import run_sweep
 from heads.train.bilevel import TrainSettings, train_stack  # noqa: E402
 
 FULL = {"train": 40_000, "val": 10_000, "test": 10_000, "exits": 14, "dim": 384, "classes": 100}

@@ -64,7 +64,7 @@ def ensure_fashion_mnist(data_dir: Path = FASHION_MNIST_DIR) -> None:
 
 def _lambdas(ctx, param, value):
     """Parsed before anything runs: a typo must not cost an extraction first."""
-    from heads.sweep.sweep import parse_lambda_spec
+    from heads.sweep.lambdas import parse_lambda_spec
     try:
         return parse_lambda_spec(value)
     except ValueError as err:
@@ -89,7 +89,7 @@ def demo_cmd(limit, lambdas, overwrite, progress):
     from heads.results.matched import matched_costs, matched_table
     from heads.results.report import results_table, write_compare_plots, write_plots
     from heads.results.rundir import MATCHED, write_csv
-    from heads.sweep.sweep import AutoLambdas
+    from heads.sweep.lambdas import AutoLambdas
     from heads.cpu import use_threads
     from heads.train.bilevel import default_settings
 

@@ -178,16 +178,16 @@ def _cache(path):
 
 
 def _parsed(parse, hint):
-    """A click callback that parses with heads.sweep.sweep's parser and turns its ValueError into a usage error."""
+    """A click callback that parses with heads.sweep.lambdas' parser and turns its ValueError into a usage error."""
     def callback(ctx, param, value):
         if value is None:
             return None
-        from heads.sweep import sweep
+        from heads.sweep import lambdas
         count = str(value).split(":")[2:3]
         if count and count[0].strip().isdigit() and int(count[0]) > MAX_LAMBDAS:   # before allocating them
             raise click.BadParameter(f"{value!r}: at most {MAX_LAMBDAS} lambdas", param_hint=hint)
         try:
-            return getattr(sweep, parse)(value)
+            return getattr(lambdas, parse)(value)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint=hint) from None
     return callback
@@ -296,7 +296,8 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
     cache_path = _cache(cache_path)
     memory = _memory(kwargs)
     settings = _train_settings(kwargs, cache_path)
-    from heads.sweep.sweep import SweepSettings, run_sweep
+    from heads.sweep.lambdas import SweepSettings
+    from heads.sweep.sweep import run_sweep
     result = _run(lambda: run_sweep(_cache(cache_path), SweepSettings((lam,), (), thresholds), settings, out,
                                     command="train", overwrite=overwrite, progress=progress,
                                     memory=memory))
@@ -315,7 +316,8 @@ def train_cmd(lam, cache_path, out, overwrite, progress, thresholds, **kwargs):
 @_options(TRAIN_OPTIONS)
 def sweep_cmd(lambdas, grid, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """Train every lambda (x every grid combination) in one stacked pass, select per lambda on V2, record all."""
-    from heads.sweep.sweep import SweepSettings, check_grid, grid_items, parse_grid, run_sweep
+    from heads.sweep.lambdas import SweepSettings, check_grid, grid_items, parse_grid
+    from heads.sweep.sweep import run_sweep
     board = kwargs.pop("tensorboard")
     try:
         items = grid_items(parse_grid(grid))

@@ -24,7 +24,8 @@ from heads.results.matched import (
     MATCHED_COSTS, area_under, common_range, envelope_at, matched_costs, matched_table, upper_envelope,
 )
 from heads.results.report import best_baseline
-from heads.sweep.sweep import SweepSettings, run_sweep
+from heads.sweep.lambdas import SweepSettings
+from heads.sweep.sweep import run_sweep
 from heads.model.exits import exit_distribution, exit_probabilities
 from heads.model.stack import StackedHeads
 from heads.baselines.thresholds import DEFAULT_P_GRID, exit_by_thresholds

@@ -7,7 +7,8 @@ from cache.synthetic import write_synthetic_cache
 from cli.heads import report_cmd
 from heads.results.report import curves, decomposition_row, results_table, write_plots
 from heads.results.rundir import read_results
-from heads.sweep.sweep import SweepSettings, run_sweep
+from heads.sweep.lambdas import SweepSettings
+from heads.sweep.sweep import run_sweep
 from heads.train.bilevel import TrainSettings
 
 PNGS = ("accuracy_vs_cost.png", "ece_vs_cost.png", "inefficiency_vs_cost.png", "alpha_vs_alpha.png",

@@ -21,7 +21,8 @@ from heads.model.exits import exit_decision, exit_distribution
 from deploy.predict import predict_cmd
 from deploy.runtime import (EarlyExitModel, RuntimeSettings, backbone_from_manifest, data_settings, image_batch,
                            select_trial, trial_heads, v2_outputs)
-from heads.sweep.sweep import SweepSettings, run_sweep
+from heads.sweep.lambdas import SweepSettings
+from heads.sweep.sweep import run_sweep
 from heads.train.bilevel import TrainSettings
 
 K = 3

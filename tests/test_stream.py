@@ -10,7 +10,9 @@ from click.testing import CliRunner
 from cache.synthetic import write_synthetic_cache
 from cache.store import open_cache
 from heads.train.stream import ChunkShuffle, MemorySettings, StreamedSplit, plan_memory
-from heads.sweep.sweep import Session, evaluate_group, expand_trials, train_groups
+from heads.sweep.lambdas import expand_trials
+from heads.sweep.rows import evaluate_group
+from heads.sweep.session import Session, train_groups
 from heads.train.bilevel import TrainSettings
 from pipeline import cli
 

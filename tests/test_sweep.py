@@ -13,7 +13,7 @@ from cache.synthetic import write_synthetic_cache
 from cache.store import open_cache
 from heads.results import rundir
 from cli.heads import COMMANDS
-from heads.sweep.sweep import lambda_range_warnings, parse_grid, parse_lambdas
+from heads.sweep.lambdas import lambda_range_warnings, parse_grid, parse_lambdas
 
 SIZES = {"train": 96, "val": 64, "test": 48}
 N_EXITS = 3
@@ -238,6 +238,8 @@ def test_lambda_range_warnings():
 
 
 def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeypatch, caplog):
+    import heads.sweep.rows as rows
+    import heads.sweep.session as session
     import heads.sweep.sweep as sweep
 
     def killed(*args, **kwargs):
@@ -245,13 +247,13 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
     settings = sweep.TrainSettings(max_epochs=3, batch_size=32, bi_switch=2, patience=2)
     job = sweep.SweepSettings((0.1, 1.0))
     with monkeypatch.context() as m:
-        m.setattr(sweep, "train_stack", killed)
+        m.setattr(session, "train_stack", killed)
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "training"
     assert not (tmp_path / "r" / "results.parquet").exists()
     with monkeypatch.context() as m:                      # killed after training: the heads are kept
-        m.setattr(sweep, "evaluate_many", killed)
+        m.setattr(rows, "evaluate_many", killed)
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(tiny_cache, job, settings, tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r" / "settings.json").read_text())["status"] == "evaluating"
@@ -265,7 +267,7 @@ def test_interrupted_runs_keep_settings_and_resume(tiny_cache, tmp_path, monkeyp
 
 
 def test_auto_lambdas_parse_and_bad_counts_are_one_line_errors():
-    from heads.sweep.sweep import AUTO_POINTS, AutoLambdas, parse_lambda_spec
+    from heads.sweep.lambdas import AUTO_POINTS, AutoLambdas, parse_lambda_spec
     assert parse_lambda_spec("auto") == AutoLambdas(AUTO_POINTS)
     assert parse_lambda_spec(" AUTO:5 ") == AutoLambdas(5)
     assert parse_lambda_spec("0.1,1") == [0.1, 1.0]

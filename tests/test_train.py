@@ -298,7 +298,7 @@ def test_auto_lambdas_span_the_cost_axis_on_planted_costs():
     """`--lambdas auto` on the planted problem: the smallest lambda's targets ask for the accurate routing (easy rows
     early, hard rows at the last exit) and its trained model routes so; the largest sends (almost) everything to
     exit 1 and its trained model does too."""
-    from heads.sweep.sweep import AUTO_FIRST_SHARE, AUTO_LOW_SLACK, auto_lambdas, target_cost
+    from heads.sweep.lambdas import AUTO_FIRST_SHARE, AUTO_LOW_SLACK, auto_lambdas, target_cost
     data, easy = planted_data()
     settings = default_settings(lr=0.05, batch_size=32, warmup_epochs=40, max_epochs=44)
     warm = warmup(data, settings, trials=[{"lam": 1.0}])

@@ -46,10 +46,11 @@ from heads.baselines.methods import (
 from heads.evaluation.evaluate import evaluate_many
 from heads.model.exits import exit_probabilities
 from heads.results.matched import MATCHED_COSTS, envelope_at
-from heads.sweep.sweep import (
-    DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, SweepSettings, evaluate_trials,
-    expand_trials, lambda_identity, lambda_values, reference_group, resolve_lambdas, select_per_lambda, train_groups,
-)
+from heads.sweep.lambdas import (DEFAULT_THRESHOLDS, AutoLambdas, SweepSettings, expand_trials, lambda_identity,
+                                 lambda_values)
+from heads.sweep.rows import evaluate_trials, select_per_lambda
+from heads.sweep.session import REFERENCE_GROUP, Session, reference_group, resolve_lambdas, train_groups
+from heads.sweep.sweep import Run, RunResult
 from heads.baselines.thresholds import budget_sweep
 from heads.train.stream import MemoryPlan, MemorySettings, plan_memory
 from heads.train.bilevel import TrainSettings

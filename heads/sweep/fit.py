@@ -23,10 +23,10 @@ import torch
 
 from heads.baselines.methods import MethodPoint, threshold_point, threshold_points
 from heads.sweep.compare import BUDGET_METHOD, point_rows, selected_models
-from heads.sweep.sweep import (
-    DEFAULT_THRESHOLDS, REFERENCE_GROUP, AutoLambdas, Run, RunResult, Session, evaluate_group, lambda_identity,
-    lambda_values, select_per_lambda, trained_groups,
-)
+from heads.sweep.lambdas import DEFAULT_THRESHOLDS, AutoLambdas, lambda_identity, lambda_values
+from heads.sweep.rows import evaluate_group, select_per_lambda
+from heads.sweep.session import REFERENCE_GROUP, Session
+from heads.sweep.sweep import Run, RunResult, trained_groups
 from heads.baselines.thresholds import budget_for_cost, exit_by_thresholds, shared_threshold_for_cost
 from heads.train.stream import MemorySettings, plan_memory
 from heads.train.bilevel import TrainSettings
