@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import heads.baselines.methods as baselines  # noqa: E402
 from cache.store import open_cache  # noqa: E402
 from heads.model.exits import exit_decision, exit_distribution  # noqa: E402
-from heads.train.bilevel import TrainSettings, make_train_data, warmup  # noqa: E402
+from heads.train.bilevel import TrainSettings, warmup  # noqa: E402
+from heads.train.data import make_train_data
 
 
 def product_distribution(g: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere: the packages live at the root
-from heads.train.bilevel import SplitTensors, TrainData, TrainSettings, train_stack, warmup  # noqa: E402
+from heads.train.bilevel import TrainSettings, train_stack, warmup  # noqa: E402
+from heads.train.data import SplitTensors, TrainData
 
 EXITS, DIM, CLASSES = 14, 384, 100
 

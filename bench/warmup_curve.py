@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache.store import open_cache  # noqa: E402
 from heads.model.stack import StackedHeads  # noqa: E402
-from heads.train.bilevel import WARMUP_MIN_GAIN, TrainSettings, make_train_data, warmup  # noqa: E402
+from heads.train.bilevel import WARMUP_MIN_GAIN, TrainSettings, warmup  # noqa: E402
+from heads.train.data import make_train_data
 
 
 def main():

@@ -66,7 +66,7 @@ from heads.model.exits import ExitRule, exit_decision, exit_distribution, exit_r
 from heads.model.gate_features import gate_features_torch, row_features
 from heads.evaluation.metrics import CONFORMAL_METHODS
 from heads.model.stack import StackedHeads, gate_pre_activation
-from heads.train.bilevel import v1_v2_rows
+from heads.train.data import v1_v2_rows
 
 CACHE_DTYPE = torch.float16   # what the cache stores features and logits as (cache/store.py)
 GRAYSCALE_DATASETS = ("fashion-mnist",)   # stored as one channel; extract.datasets feeds it to all three

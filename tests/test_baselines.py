@@ -16,7 +16,8 @@ from heads.baselines.thresholds import (
     DEFAULT_P_GRID, budget_fractions, exit_by_thresholds, fit_thresholds, max_softmax, threshold_sweep,
 )
 from heads.train.kernels import exit_cross_entropy
-from heads.train.bilevel import SplitTensors, TrainData, TrainSettings, seed_streams, warmup
+from heads.train.bilevel import TrainSettings, seed_streams, warmup
+from heads.train.data import SplitTensors, TrainData
 
 DIMS = [5, 6, 6, 7]
 K = 3

@@ -9,7 +9,8 @@ from heads.model.gate_features import gate_features_torch
 from heads.train.adam import StackedAdam, adam_update, adam_update_torch
 from heads.train.kernels import softmax_stats, softmax_stats_torch, weighted_ce_grad, weighted_ce_grad_torch
 from heads.model.stack import StackedHeads
-from heads.train.bilevel import SplitTensors, classifier_loss, exited_metrics, gate_loss, warmup_loss
+from heads.train.bilevel import classifier_loss, exited_metrics, gate_loss, warmup_loss
+from heads.train.data import SplitTensors
 
 
 def logits_with_ties(shape, seed=0):

@@ -8,8 +8,9 @@ import torch
 from heads.model.exits import exit_decision, exit_distribution
 from heads.model.stack import StackedHeads
 from heads.train.adam import StackedAdam
-from heads.train.bilevel import (WARMUP_MIN_GAIN, SplitTensors, TrainData, TrainSettings, classifier_loss,
-                         default_settings, gate_loss, make_train_data, train_stack, warmup, warmup_loss)
+from heads.train.bilevel import (WARMUP_MIN_GAIN, TrainSettings, classifier_loss, default_settings, gate_loss,
+                                 train_stack, warmup, warmup_loss)
+from heads.train.data import SplitTensors, TrainData, make_train_data
 
 
 def random_split(n, dims, k, seed, with_logits=True):

@@ -52,10 +52,8 @@ from heads.baselines.thresholds import (
 )
 from heads.train.adam import StackedAdam
 from heads.train.kernels import exit_cross_entropy
-from heads.train.bilevel import (
-    Split, TrainData, TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, split_outputs, train_stack,
-    warmup,
-)
+from heads.train.bilevel import TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, train_stack, warmup
+from heads.train.data import Split, TrainData, split_outputs
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")
 LAMBDA_METHODS = ("fixed-ims", "diffbranch")

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from heads.model.exits import exit_distribution
 from heads.model.stack import StackedHeads
 from heads.sweep.lambdas import AutoLambdas, auto_lambdas, expand_trials, target_cost
-from heads.train.bilevel import (EpochReport, TRIAL_KEYS, TrainSettings, make_train_data, open_split, split_outputs,
-                                 train_stack, warmup)
+from heads.train.bilevel import EpochReport, TRIAL_KEYS, TrainSettings, train_stack, warmup
+from heads.train.data import make_train_data, open_split, split_outputs
 from heads.train.kernels import exit_cross_entropy
 from heads.train.stream import MemoryPlan
 
