@@ -4,8 +4,8 @@
     python bench/warmup_curve.py --cache cache/demo-lite0-fmnist64.zarr --epochs 40 --lrs 0.01,0.003,0.001
 
 Prints, per lr, the test accuracy of every IM at a few epochs (each IM at its best V2 epoch so far, as the warm-up
-keeps it) and, for patience 2-5, the epoch at which `heads.train.bilevel.warmup` would stop and the IMs' mean test accuracy
-there. One torch thread (the warm-up's own speed is not what this measures).
+keeps it) and, for patience 2-5, the epoch at which `heads.train.bilevel.warmup` would stop and the IMs' mean test
+accuracy there. One torch thread (the warm-up's own speed is not what this measures).
 """
 import argparse
 import sys

@@ -426,8 +426,8 @@ def _softmax_row(z, i, temperature, out):
 
 @numba.njit(cache=True)
 def _finish_kernel(z, exits, temperature, thresholds, prediction, probs, sets):
-    """heads.evaluation.evaluate.predict_with_sets into the given arrays, in one serial call: prediction, probabilities at
-    `temperature`, sets {k : 1 - p_k <= threshold of the exit}. The exp here is not numpy's, so a probability can
+    """heads.evaluation.evaluate.predict_with_sets into the given arrays, in one serial call: prediction, probabilities
+    at `temperature`, sets {k : 1 - p_k <= threshold of the exit}. The exp here is not numpy's, so a probability can
     differ from predict_with_sets' in the last bits: where a score lies within SET_MARGIN of its threshold (or a
     logit is not finite) the set could differ, and the kernel returns False for the caller to use
     predict_with_sets instead; True means every set is exactly predict_with_sets'."""

@@ -377,7 +377,7 @@ class ImageSplit(torch.utils.data.Dataset):
         self.flip = settings.name not in NO_FLIP
         self.from_files = settings.name == "imagefolder"
         # (channel, uint8 value) -> (value / 255 - mean) / std, the same float32 arithmetic as ToTensor +
-        # Normalize, looked up instead of computed: 4x faster per image, bitwise identical
+        # Normalize, looked up instead of computed per pixel (faster, bitwise identical)
         levels = np.arange(256, dtype=np.float32) / np.float32(255)
         mean, std = (np.broadcast_to(np.asarray(v, dtype=np.float32), (3,)) for v in (settings.mean, settings.std))
         self.normalised = np.ascontiguousarray(((levels[:, None] - mean) / std).T)

@@ -11,8 +11,8 @@ match_torch_threads, so the shared pool is always set up before numba's first la
 
 Shared threads: numba's OpenMP layer loads libgomp.so.1, the copy torch already loaded, so both share one thread
 pool. With numba's own pool (workqueue) torch's idle OpenMP threads spin after every torch op while numba's threads
-want the same cores: on 2 cores the training step measured ~25 % slower. numba's pool start-up sets OpenMP's thread
-count to numba's; it is started here, once, and torch's count restored.
+want the same cores, and the training step slows down (README, "Speed", has the measurement). numba's pool start-up
+sets OpenMP's thread count to numba's; it is started here, once, and torch's count restored.
 
 Equal thread counts. A parallel numba kernel runs numba's thread count (by default every core), whatever
 torch.set_num_threads or OMP_NUM_THREADS said. With torch on one thread the other pool threads sleep, and every
@@ -21,9 +21,8 @@ milliseconds for a kernel of microseconds (bench/README.md has the figures). mat
 each parallel launch, gives numba torch's current count, so one torch thread means a launch on the calling thread.
 
 Denormals: a confident IM puts probabilities below 1.2e-38 (logit gaps > 87), its softmax, logit gradient and the
-products that consume them are then denormal, and x86 handles those in microcode. Measured on this project's 2-core
-machine: the (13, 384, 64) @ (13, 64, 2000) weight-gradient product took 1000 ms instead of 7 ms, torch's softmax
-9.5 ms instead of 1.1 ms (tests/test_cpu.py shows the flush itself; bench/ the speed). torch.set_flush_denormal
+products that consume them are then denormal, and x86 handles those in microcode, orders of magnitude slower
+(README, "Speed", has the figures; tests/test_cpu.py shows the flush itself). torch.set_flush_denormal
 sets flush-to-zero and denormals-are-zero (MXCSR) on the calling thread only, and OpenMP threads that already
 exist keep their own MXCSR; so the bits are also set from inside a parallel numba loop that runs on every pool
 thread. Values below 1.2e-38 become 0: nothing this program computes depends on them.

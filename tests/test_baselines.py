@@ -1,4 +1,5 @@
-"""Baselines and ablations (heads/baselines/thresholds.py, heads/baselines/methods.py) on tiny synthetic cached features."""
+"""Baselines and ablations (heads/baselines/thresholds.py, heads/baselines/methods.py) on tiny synthetic cached
+features."""
 import dataclasses
 import logging
 

@@ -1,5 +1,5 @@
-"""The hand-written training step (heads.train.engine, heads.train.kernels) against autograd on heads.train.bilevel's losses, the numba
-kernels against their torch versions, and trial removal."""
+"""The hand-written training step (heads.train.engine, heads.train.kernels) against autograd on heads.train.bilevel's
+losses, the numba kernels against their torch versions, and trial removal."""
 import pytest
 import torch
 

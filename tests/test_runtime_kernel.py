@@ -102,8 +102,8 @@ def test_batch_of_one_equals_batched_path(model, threshold):
 
 
 def test_finish_equals_predict_with_sets(model):
-    """_finish (the serial kernel) against heads.evaluation.evaluate.predict_with_sets on 4000 rows of logits from 0.1 to 30
-    in scale, a temperature and a threshold per exit: the same predictions and sets, probabilities to float32
+    """_finish (the serial kernel) against heads.evaluation.evaluate.predict_with_sets on 4000 rows of logits from 0.1
+    to 30 in scale, a temperature and a threshold per exit: the same predictions and sets, probabilities to float32
     rounding; rows with a score on its threshold or a non-finite logit go to predict_with_sets itself."""
     gen = torch.Generator().manual_seed(7)
     n, k = 4000, model.backbone.num_classes

@@ -12,7 +12,8 @@ costs one copy of the logits per split.
 
 Methods (METHODS), each one MethodPoint per operating point (param = p of the budget grid, or lambda):
   threshold         IMs trained on every sample to convergence: the JEI-DNN warm-up (eq. 17) run for max_epochs,
-                    each IM kept at its best V2 accuracy; threshold gating (heads/baselines/thresholds.py), one point per p.
+                    each IM kept at its best V2 accuracy; threshold gating (heads/baselines/thresholds.py), one
+                    point per p.
   threshold-warmup  ablation 2 of appendix 9.6: threshold gating on exactly the IMs JEI-DNN starts its bi-level
                     phase from (the warm-up after warmup_epochs epochs).
   boosted           BoostedNet (Yu et al. 2023), see boosted_ensemble; threshold gating on the ensemble logits.

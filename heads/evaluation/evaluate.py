@@ -13,7 +13,7 @@ top-m classes under either probability.
 Keys of each per-split dict (all JSON/Parquet friendly: int, float, or list; NaN where a value is undefined):
   n_samples                      int    samples in the split
   accuracy                       float  accuracy of the exited predictions
-  accuracy_ci_low/_ci_high       float  95% interval (bootstrap over 10 partitions, heads.evaluation.metrics.bootstrap_ci)
+  accuracy_ci_low/_ci_high       float  95% interval (bootstrap over 10 partitions, metrics.bootstrap_ci)
   cost_macs                      float  expected inference cost, eq. 1, in Mul-Adds (IC^l of each sample's exit)
   cost_macs_ci_low/_ci_high      float  its 95% interval
   cost_norm                      float  cost_macs / IC^L (1.0 = every sample runs the whole network)

@@ -10,8 +10,8 @@ frozen) unless the cache's head is not the task's head, in which case a Linear o
 Gate l < L is sigmoid(Linear(4, 1)) over the four softmax statistics of IM l (appendix 9.9).
 
 Layout: the contract's weight of exit l is (T, D_l, K). It is stored as (D_l, T, K) so that one mini-batch of one
-exit is ONE matrix product x (B, D_l) @ W (D_l, T*K) for all trials at once; measured on 2 CPU cores that is about
-twice as fast as a batched matmul over T small (D_l, K) products. state_dict() speaks the contract's layout.
+exit is ONE matrix product x (B, D_l) @ W (D_l, T*K) for all trials at once, which keeps the CPU's matmul kernel
+busy where a batched matmul over T small (D_l, K) products would not. state_dict() speaks the contract's layout.
 """
 from dataclasses import dataclass
 

@@ -282,7 +282,8 @@ def write_plots(rows: list[dict], out, lam: float | None = None, split: str = "t
 def write_compare_plots(rows: list[dict], out, table: list[dict], lam: float | None = None,
                         split: str = "test") -> list[Path]:
     """The compare figures (module docstring) that the rows allow: ablation.png when JEI-DNN and an ablation are
-    present, exit_decomposition_compare.png when JEI-DNN and a baseline are. table: heads.results.matched.matched_costs."""
+    present, exit_decomposition_compare.png when JEI-DNN and a baseline are. table:
+    heads.results.matched.matched_costs."""
     out, rows, paths = Path(out), _split(rows, split), []
     present = set(curves(rows))
     if "jei" in present and present & (set(ABLATION) - {"jei"}):

@@ -36,11 +36,12 @@ Columns of results.parquet (null where a column does not apply to a row's method
                       "jei-threshold": a selected model at another gate threshold (a cost/accuracy curve from one
                       model); "single-exit": every sample leaves at one exit (warm-up IMs; exit L is the backbone's
                       head, or a trained last IM when the cache's head is not the task's), the fixed reference points;
-                      `compare` adds the baselines of heads/baselines/methods.py (threshold, threshold-warmup, boosted, l2w:
-                      one row per budget p and split; fixed-ims, diffbranch: one per lambda and split) and
+                      `compare` adds the baselines of heads/baselines/methods.py (threshold, threshold-warmup, boosted,
+                      l2w: one row per budget p and split; fixed-ims, diffbranch: one per lambda and split) and
                       "jei-budget" (one selected JEI-DNN model with per-exit thresholds on P(E^l|x) fitted on V1 to
                       each budget p: one row per p and split, with that model's trial and lam)
-    p                 compare, threshold-gated methods: MSDNet budget parameter p (heads/baselines/thresholds.py), else null
+    p                 compare, threshold-gated methods: MSDNet budget parameter p (heads/baselines/thresholds.py),
+                      else null
     budget_fractions, exit_thresholds, v1_exit_hist   compare, threshold-gated methods: lists (L) of the target
                       exit shares, the thresholds fitted on V1 (on max softmax; on P(E^l|x) for jei-budget;
                       +inf: exit closed; the last is -inf) and the V1 samples exiting at each exit

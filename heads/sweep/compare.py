@@ -16,8 +16,8 @@ What runs, in order, sharing one loaded cache (heads/sweep/sweep.py Session) and
             jei, fixed-ims and diffbranch alike.
   jei       the lambda sweep of heads/sweep/sweep.py (train_groups, reference_group, evaluate_group, Run.finish): one
             stacked bi-level pass, rows "jei" (+ "jei-threshold" curves of the selected models) and "single-exit".
-  baselines heads.baselines.methods.run_baselines, one method at a time (the learned-gate ones on the same lambdas), every
-            operating point evaluated with heads.evaluation.evaluate.evaluate against the same per-exit costs.
+  baselines heads.baselines.methods.run_baselines, one method at a time (the learned-gate ones on the same lambdas),
+            every operating point evaluated with heads.evaluation.evaluate.evaluate against the same per-exit costs.
 Rows and columns: heads/results/rundir.py (method, p for threshold-gated rows, lam for learned-gate rows).
 
 Run directory and reruns: identical to `sweep` (settings.json with status and the requested `methods`, the JEI-DNN

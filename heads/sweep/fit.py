@@ -4,11 +4,11 @@ JEI-DNN's gates can give at that cost.
     run = fit_target_cost("cache/x.zarr", FitSettings(target_cost=0.4), default_settings(), "runs/fit")
 
 JEI-DNN's lambda sets the cost only indirectly (the paper's stated limitation). A fit trains the lambda sweep
-(heads/sweep/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to the
-target after training, two ways: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of
+(heads/sweep/sweep.py, `--lambdas auto` by default: one warm-up, one stacked pass), then moves every selected model to
+the target after training, two ways: per-exit thresholds on its learned P(E^l|x), fitted on V1 so that the shares of
 samples leaving at each exit follow MSDNet's budget p^k, with p chosen so that they spend as much as possible, but
-no more than the target, on V1 (heads/baselines/thresholds.py budget_for_cost, fit_thresholds); and one threshold shared by
-every exit (the gates' own rule P(E^l|x) > t with t moved away from 0.5, which keeps the shares the gates learned;
+no more than the target, on V1 (heads/baselines/thresholds.py budget_for_cost, fit_thresholds); and one threshold shared
+by every exit (the gates' own rule P(E^l|x) > t with t moved away from 0.5, which keeps the shares the gates learned;
 `predict --threshold t` deploys it), when that can reach the target. Of those budgeted points the one most
 accurate on V2 is chosen; V2 and test are evaluated unchanged. Rows: every trial as in a sweep ("jei"), plus
 "jei-budget" rows (v2, test) per selected model and way at the target; the chosen point's rows and its trial's

@@ -12,10 +12,10 @@ rows and the per-lambda selection), this file (the run directory around them).
 
 A sweep is: the lambda-independent warm-up once (one pass serves every warm-up epoch count and every (lr, weight
 decay) pair of the grid, heads.train.bilevel.warmup), then every lambda x grid trial in ONE stacked bi-level pass
-(heads.train.bilevel.train_stack: lr, weight_decay and warmup_epochs vary per trial inside a stack; a grid over any other
-TrainSettings field needs its own stacked pass per value), each trial early-stopped on its own. Every trial is
-then evaluated on V2 and test (heads.evaluation.evaluate.evaluate), the trial with the best V2 accuracy of each lambda is
-marked `selected`, the selected models also trace gate-threshold curves (method "jei-threshold"), and the warm-up
+(heads.train.bilevel.train_stack: lr, weight_decay and warmup_epochs vary per trial inside a stack; a grid over any
+other TrainSettings field needs its own stacked pass per value), each trial early-stopped on its own. Every trial is
+then evaluated on V2 and test (heads.evaluation.evaluate.evaluate), the trial with the best V2 accuracy of each lambda
+is marked `selected`, the selected models also trace gate-threshold curves (method "jei-threshold"), and the warm-up
 IMs give the fixed single-exit reference points (method "single-exit"). Columns: heads/results/rundir.py.
 
 Memory: heads/train/stream.py places each split resident or streamed (run_sweep's `memory`; `--memory-budget`,

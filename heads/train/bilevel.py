@@ -97,9 +97,8 @@ class TrainSettings:
     im_loss: str = "weighted"     # "weighted" (eq. 30) or "uniform" (plain CE, the authors' code in effect)
     # The gates' BCE weighs positives by n_neg/n_pos of their V1 targets, clipped to [1/cap, cap] (1 = unweighted).
     # Balanced weights move each gate's 0.5 point to balanced odds, so a gate whose positives are rare fires far too
-    # often at the 0.5 exit rule: on EfficientNet-Lite0/Fashion-MNIST features an unclipped ratio (cap 100) left
-    # V2 accuracy at 0.63-0.77 for lambdas 3e-4..0.3, cap 5 (the authors' code) 0.80-0.82, cap 2 0.83-0.86,
-    # cap 1 0.84-0.87 (README). 2 keeps the paper's class weighting while bounding that shift.
+    # often at the 0.5 exit rule: on real features the V2 accuracy falls the larger the cap (README, "Stage two", has
+    # the measurements for caps 1, 2, 5 and unclipped). 2 keeps the paper's class weighting while bounding that shift.
     gate_weight_cap: float = 2.0
     seed: int = 0
     device: str = "cpu"

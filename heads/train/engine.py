@@ -6,8 +6,8 @@
     engine.im_step(out, features, labels, engine.classifier_coef(out, "weighted"))   # CLASSIFIER state (eq. 30)
     engine.keep(torch.tensor([0, 2]))                              # drop stopped trials from the stack
 
-Every loss of heads.train.bilevel except JEI-DNN-FULL (eq. 29) is a weighted cross-entropy of the IMs, sum_l c_l CE_l with
-weights c that carry no gradient (eq. 30: P(G=l|x); uniform: 1; warm-up eq. 17: L - l), or a BCE of the gates on
+Every loss of heads.train.bilevel except JEI-DNN-FULL (eq. 29) is a weighted cross-entropy of the IMs, sum_l c_l CE_l
+with weights c that carry no gradient (eq. 30: P(G=l|x); uniform: 1; warm-up eq. 17: L - l), or a BCE of the gates on
 four statistics of detached IM outputs. Their gradients are closed-form: d/dz of c CE is c (softmax(z) - onehot(y)),
 and of the BCE with pos_weight w and target t at pre-activation a it is sigmoid(a) (w t + 1 - t) - w t. So a step is
 one addmm per exit into a preallocated (L, B, T, K) buffer, torch's softmax, one numba pass for the statistics
