@@ -47,7 +47,8 @@ from heads.evaluate import ExitOutputs
 from heads.exits import exit_costs, exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.thresholds import (
-    DEFAULT_P_GRID, budget_fractions, budget_sweep, fit_thresholds, max_softmax, threshold_sweep,
+    DEFAULT_P_GRID, budget_fractions, budget_sweep, cumulative_targets, fit_thresholds, max_softmax, route_by_budget,
+    threshold_sweep,
 )
 from heads.train import (
     Split, StackedAdam, TrainData, TrainSettings, WarmState, copy_trials, seed_streams, exit_cross_entropy,
@@ -132,18 +133,16 @@ class OneTrialAdam:
 
 
 
-def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score: Callable) -> StackedHeads:
-    """Train one IM stack with `step(heads, update, feats, labels, last)` per mini-batch, update.apply(grads) being one
-    optimiser step; keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
+def _fit_ims(data: TrainData, settings: TrainSettings, make_step: Callable, v2_score: Callable) -> StackedHeads:
+    """Train one IM stack with step = make_step(heads), step(feats, labels, last) per mini-batch (it owns the
+    optimiser); keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
     heads = _single_model(data, settings)
-    for p in heads.im_params():
-        p.requires_grad_(True)
-    update = OneTrialAdam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
+    step = make_step(heads)
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[1])
     best, best_score, stale = heads.select(0), math.inf, 0
     for epoch in range(settings.max_epochs):
         for batch in data.train.epoch(settings.batch_size, gen, settings.device, stacked=False):
-            step(heads, update, *batch)
+            step(*batch)
         score = float(v2_score(heads))
         if score < best_score:
             best, best_score, stale = heads.select(0), score, 0
@@ -153,6 +152,58 @@ def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score:
             if stale >= settings.patience:
                 break
     return best
+
+
+class RunParams:
+    """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, D, K) weights and
+    (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit; heads.im_weight
+    and im_bias become views of them (the model reads and copies them as before). On the CPU a batched product
+    gives each exit's slice bit for bit what a single product gives (tests/test_baselines.py); with a dozen
+    small exits the per-call overhead, not the arithmetic, is what the runs save."""
+
+    def __init__(self, heads: StackedHeads):
+        dims = heads.exit_dims
+        self.runs = exit_runs(dims)
+        self.weights = [torch.stack([heads.im_weight[l].detach()[:, 0] for l in range(lo, hi)])
+                        for lo, hi in self.runs]
+        self.biases = [torch.stack([heads.im_bias[l].detach() for l in range(lo, hi)]) for lo, hi in self.runs]
+        heads.im_weight = [w[l - lo].unsqueeze(1) for (lo, hi), w in zip(self.runs, self.weights) for l in range(lo, hi)]
+        heads.im_bias = [b[l - lo] for (lo, hi), b in zip(self.runs, self.biases) for l in range(lo, hi)]
+        self.n_trained = len(dims)
+        self.num_classes = heads.num_classes
+
+    def params(self) -> list[torch.Tensor]:
+        return self.weights + self.biases
+
+    def stack(self, feats) -> list[torch.Tensor]:
+        """Per-exit (B, D_l) features -> per run (n, B, D)."""
+        return [feats[lo][None] if hi - lo == 1 else torch.stack(feats[lo:hi]) for lo, hi in self.runs]
+
+    def logits(self, x: list[torch.Tensor], last, weights=None, biases=None) -> torch.Tensor:
+        """(L, B, K) logits of every exit from run-stacked features x (the frozen last exit's from `last`)."""
+        weights, biases = weights or self.weights, biases or self.biases
+        b = x[0].shape[1]
+        z = torch.empty(self.n_trained + (last is not None), b, self.num_classes, device=x[0].device)
+        for (lo, hi), xr, w, bias in zip(self.runs, x, weights, biases):
+            torch.baddbmm(bias, xr, w, out=z[lo:hi])
+        if last is not None:
+            z[-1] = last
+        return z
+
+    def grads(self, x: list[torch.Tensor], dz: torch.Tensor) -> list[torch.Tensor]:
+        """Weight and bias gradients (params() order) of logit gradients dz (n_trained, B, K)."""
+        gw = [torch.bmm(xr.transpose(1, 2), dz[lo:hi]) for (lo, hi), xr in zip(self.runs, x)]
+        return gw + [dz[lo:hi].sum(1, keepdim=True) for lo, hi in self.runs]
+
+
+def exit_runs(dims) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of consecutive exits with the same feature width."""
+    runs, lo = [], 0
+    for l in range(1, len(dims) + 1):
+        if l == len(dims) or dims[l] != dims[lo]:
+            runs.append((lo, l))
+            lo = l
+    return runs
 
 
 # ---- BoostedNet --------------------------------------------------------------------------------------------------
@@ -187,14 +238,15 @@ def train_boosted(data: TrainData, settings: TrainSettings, gamma: float) -> Sta
     form (boosted_grads)."""
     n_boosted = len(data.exit_dims) if data.trains_last else len(data.exit_dims) - 1
 
-    def step(heads, update, feats, labels, last):
-        update.apply(boosted_grads(heads, feats, labels, last, gamma))
+    def make_step(heads):
+        update = OneTrialAdam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
+        return lambda feats, labels, last: update.apply(boosted_grads(heads, feats, labels, last, gamma))
 
     def v2_score(heads):
         ens = boosted_ensemble(split_logits(heads, data.v2), gamma, n_boosted)
         return exit_cross_entropy(ens, data.v2.labels).sum(-1).mean()
 
-    return _fit_ims(data, settings, step, v2_score)
+    return _fit_ims(data, settings, make_step, v2_score)
 
 
 # ---- L2W-DEN -----------------------------------------------------------------------------------------------------
@@ -283,6 +335,99 @@ def l2w_meta_gradient(heads: StackedHeads, wpn: nn.Module, feats, residual, ce, 
     return torch.autograd.grad(weights, params, grad_outputs=d_weights)
 
 
+class L2WStep:
+    """train_l2w's mini-batch step: per half-batch, the meta step of the WPN and the weighted step of the IMs, all
+    gradients in closed form and the IM products batched per run of equal-width exits (RunParams).
+
+    The same step as the reference functions above (l2w_residual, l2w_meta_gradient through the budget loss and
+    autograd, _weighted_ce_grads), which tests/test_baselines.py runs side by side with this one: the budget loss's
+    logit gradient is (softmax - onehot) / count at the exit each meta sample is routed to (route_by_budget, the
+    routing of fit_thresholds), and the WPN's backward is written out (two linear layers, ReLU, tanh and the mean of
+    l2w_weights), so no autograd graph is built per half-batch."""
+
+    def __init__(self, heads: StackedHeads, wpn: "WeightPredictionNet", settings: TrainSettings,
+                 bs: BaselineSettings, fractions: torch.Tensor):
+        self.heads, self.wpn, self.bs, self.fractions = heads, wpn, bs, fractions.cpu()
+        self.ims = RunParams(heads)
+        self.update = OneTrialAdam(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
+        self.wpn_params = [p.detach() for p in wpn.parameters()]
+        self.meta_update = OneTrialAdam(self.wpn_params, bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
+        self.targets = {}      # meta half size -> cumulative target counts of the routing
+        self.calls = 0
+
+    def __call__(self, feats, labels, last):
+        half = (labels.shape[0] + 1) // 2
+        x = self.ims.stack(feats)
+        rows = [(x, labels, last)]      # a one-sample tail batch cannot be halved: no meta step for it
+        if labels.shape[0] >= 2:
+            rows = [([xr[:, s] for xr in x], labels[s], None if last is None else last[s])
+                    for s in (slice(0, half), slice(half, None))]
+        for i, train_rows in enumerate(rows):
+            residual, ce = self.residual(*train_rows)
+            if len(rows) == 2 and self.calls % self.bs.l2w_meta_interval == 0:
+                # the other half is the held-out meta data
+                self.meta_update.apply(self.meta_gradient(train_rows[0], residual, ce, rows[1 - i]))
+            self.calls += 1
+            weights = l2w_weights(self._wpn(ce)[2], self.bs.l2w_epsilon)
+            self.update.apply(self.ims.grads(train_rows[0], self._coef(residual, weights)))
+
+    @torch.no_grad()
+    def residual(self, x, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, B, K) softmax - onehot and (B, L) cross-entropy of every exit on a half-batch."""
+        z = self.ims.logits(x, last)
+        picked = z.gather(-1, labels[None, :, None].expand(z.shape[0], -1, 1)).squeeze(-1)
+        ce = (torch.logsumexp(z, -1) - picked).T.contiguous()
+        residual = torch.softmax(z, -1)
+        residual[:, torch.arange(len(labels)), labels] -= 1.0
+        return residual, ce
+
+    def _coef(self, residual, weights):
+        """Logit gradient of _weighted_loss: weights_bl (softmax - onehot) / B, (n_trained, B, K)."""
+        n = self.ims.n_trained
+        return residual[:n] * (weights.T[:n, :, None] / residual.shape[1])
+
+    @torch.no_grad()
+    def _wpn(self, ce):
+        """The WPN's forward (its nn.Linear layers' arithmetic): (first pre-activation, hidden, raw output)."""
+        w1, b1, w2, b2 = self.wpn_params
+        h1 = torch.nn.functional.linear(ce, w1, b1)
+        hidden = torch.relu(h1)
+        return h1, hidden, torch.tanh(torch.nn.functional.linear(hidden, w2, b2))
+
+    @torch.no_grad()
+    def meta_gradient(self, x, residual, ce, meta_rows) -> list[torch.Tensor]:
+        """l2w_meta_gradient in closed form (train_l2w's docstring derives d meta / d w_bl)."""
+        bs, ims, n = self.bs, self.ims, self.ims.n_trained
+        h1, hidden, raw = self._wpn(ce)
+        weights = l2w_weights(raw, bs.l2w_epsilon)
+        grads = ims.grads(x, self._coef(residual, weights))
+        ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(ims.params(), grads)]
+        n_runs = len(ims.runs)
+        mx, my, mlast = meta_rows
+        z = ims.logits(mx, mlast, ahead[:n_runs], ahead[n_runs:])                         # (L, Bm, K)
+        b_meta = len(my)
+        if b_meta not in self.targets:
+            self.targets[b_meta] = cumulative_targets(b_meta, self.fractions)
+        exit_index = torch.from_numpy(route_by_budget(np.ascontiguousarray(max_softmax(z.transpose(0, 1)).cpu().numpy()),
+                                                      self.targets[b_meta])).to(z.device)
+        counts = torch.bincount(exit_index, minlength=z.shape[0]).clamp_min(1).to(z.dtype)
+        # budget loss: sum over exits of the mean CE of the samples routed there; its logit gradient
+        routed = (exit_index[None, :] == torch.arange(n, device=z.device)[:, None]) / counts[:n, None]
+        dz = torch.softmax(z[:n], -1)
+        dz[:, torch.arange(b_meta), my] -= 1.0
+        dz *= routed[..., None]
+        g_ahead = ims.grads(mx, dz)
+        # d meta / d w_bl = -a/B <x_bl G_l + g_l, s_bl - y_b>
+        u = [torch.baddbmm(gb, xr, gw) for xr, gw, gb in zip(x, g_ahead[:n_runs], g_ahead[n_runs:])]
+        d_weights = torch.zeros_like(weights)
+        d_weights[:, :n] = (torch.cat(u) * residual[:n]).sum(-1).T * (-bs.l2w_lookahead_lr / residual.shape[1])
+        # back through l2w_weights (1 + eps (raw - mean raw)), tanh, the second layer, ReLU, the first layer
+        d_raw = bs.l2w_epsilon * (d_weights - d_weights.mean())
+        d_h2 = d_raw * (1 - raw * raw)
+        d_h1 = (d_h2 @ self.wpn_params[2]) * (h1 > 0)
+        return [d_h1.T @ ce, d_h1.sum(0), d_h2.T @ hidden, d_h2.sum(0)]
+
+
 def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) -> tuple[StackedHeads, nn.Module]:
     """L2W-DEN: every batch is halved; each half in turn trains the IMs with per-sample, per-exit loss weights from
     the WPN while the other half meta-trains the WPN: a look-ahead SGD step of the IMs under the predicted weights
@@ -290,35 +435,16 @@ def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) ->
 
     The meta-gradient is taken in closed form rather than by differentiating through autograd's gradient: for a
     linear IM, theta'_l = theta_l - a/B sum_b w_bl x_bl (s_bl - y_b)^T, so d meta / d w_bl = -a/B <x_bl G_l + g_l,
-    s_bl - y_b>, with (G_l, g_l) the meta loss's gradient in IM l's look-ahead weight and bias; autograd then
-    carries that into the WPN. The IM step uses the same closed-form gradient."""
+    s_bl - y_b>, with (G_l, g_l) the meta loss's gradient in IM l's look-ahead weight and bias; the WPN's backward
+    carries that into its parameters. The IM step uses the same closed-form gradient. L2WStep runs it."""
     n_exits = len(data.exit_dims)
     wpn = WeightPredictionNet(n_exits, bs.l2w_hidden, seed_streams(settings.seed)[2]).to(settings.device)
-    meta_update = OneTrialAdam(list(wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
     fractions = budget_fractions(bs.l2w_p, n_exits).to(settings.device)
-    calls = [0]
-
-    def step(heads, update, feats, labels, last):
-        half = (labels.shape[0] + 1) // 2
-        rows = [(feats, labels, last)]      # a one-sample tail batch cannot be halved: no meta step for it
-        if labels.shape[0] >= 2:
-            parts = [slice(0, half), slice(half, None)]
-            rows = [([f[s] for f in feats], labels[s], None if last is None else last[s]) for s in parts]
-        for i, train_rows in enumerate(rows):
-            residual, ce = l2w_residual(heads, *train_rows)
-            if len(rows) == 2 and calls[0] % bs.l2w_meta_interval == 0:
-                # the other half is the held-out meta data
-                meta_update.apply(l2w_meta_gradient(heads, wpn, train_rows[0], residual, ce, rows[1 - i], fractions,
-                                                    bs))
-            calls[0] += 1
-            with torch.no_grad():
-                weights = l2w_weights(wpn(ce), bs.l2w_epsilon)
-            update.apply(_weighted_ce_grads(train_rows[0], residual, weights, len(heads.im_weight)))
 
     def v2_score(heads):
         return exit_cross_entropy(split_logits(heads, data.v2), data.v2.labels).sum(-1).mean()
 
-    return _fit_ims(data, settings, step, v2_score), wpn
+    return _fit_ims(data, settings, lambda heads: L2WStep(heads, wpn, settings, bs, fractions), v2_score), wpn
 
 
 # ---- learned gates: fixed IMs and DiffBranch ---------------------------------------------------------------------

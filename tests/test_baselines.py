@@ -309,3 +309,81 @@ def test_boosted_closed_form_grads_equal_autograd(frozen_last):
     want = torch.autograd.grad(exit_cross_entropy(ens, labels)[..., :n_w].sum(-1).mean(), params)
     for g, w in zip(boosted_grads(heads, feats, labels, last, 0.5), want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_route_by_budget_equals_fit_thresholds_routing_with_ties():
+    """The compiled routing of L2W-DEN's meta half-batches takes fit_thresholds' exits, tied confidences included."""
+    from heads.thresholds import cumulative_targets, route_by_budget
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 32, 33):
+        for p in (0.3, 0.75, 1.0, 1.7):
+            for tie in (False, True):
+                conf = torch.rand(n, 6, generator=gen, dtype=torch.float64)
+                if tie:
+                    conf = (conf * 3).round() / 3          # few distinct values: ties at every threshold
+                fractions = budget_fractions(p, 6)
+                want = fit_thresholds(conf, fractions)[1]
+                got = route_by_budget(conf.numpy(), cumulative_targets(n, fractions))
+                assert torch.equal(torch.from_numpy(got), want), (n, p, tie)
+
+
+def test_run_params_batched_products_equal_per_exit_products():
+    """RunParams' batched products give every exit's logits and gradients bit for bit as one product per exit."""
+    from heads.baselines import RunParams, exit_runs
+    assert exit_runs([16, 24, 24, 40, 40, 40, 24]) == [(0, 1), (1, 3), (3, 6), (6, 7)]
+    dims = [16, 24, 24, 40, 40, 40, 192, 192, 1280]
+    heads = StackedHeads.init(dims, 10, 1, True, seed=3)
+    want_w = [w.clone() for w in heads.im_weight]
+    ims = RunParams(heads)
+    assert all(torch.equal(w, v) for w, v in zip(heads.im_weight, want_w))
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(32, d, generator=gen) for d in dims]
+    x = ims.stack(feats)
+    z = ims.logits(x, None)
+    assert torch.equal(z.permute(1, 0, 2), heads.im_logits(feats)[0])
+    dz = torch.randn(len(dims), 32, 10, generator=gen)
+    grads = ims.grads(x, dz)
+    per_exit_w = [g for run in grads[:len(ims.runs)] for g in run]
+    for l, f in enumerate(feats):
+        assert torch.equal(per_exit_w[l], f.T @ dz[l])
+    assert torch.equal(torch.cat(grads[len(ims.runs):])[:, 0], dz.sum(1))
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_l2w_step_equals_the_reference_step(frozen_last):
+    """L2WStep (closed-form WPN backward, batched products, compiled routing) moves the IMs and the WPN as the
+    reference step does: l2w_residual, l2w_meta_gradient (autograd through the WPN, fit_thresholds routing) and
+    _weighted_ce_grads, one Adam step each, over several batches including a one-sample tail."""
+    from heads.baselines import (L2WStep, OneTrialAdam, _weighted_ce_grads, l2w_meta_gradient, l2w_residual)
+    data, _ = _data(frozen_last=frozen_last)
+    bs = BaselineSettings(l2w_meta_lr=1e-2)          # a meta step large enough to move the weights visibly
+    fractions = budget_fractions(bs.l2w_p, len(DIMS))
+    ref_heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
+    ref_wpn = WeightPredictionNet(len(DIMS), bs.l2w_hidden, seed=4)
+    fast_heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
+    fast_wpn = WeightPredictionNet(len(DIMS), bs.l2w_hidden, seed=4)
+    update = OneTrialAdam(ref_heads.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
+    meta_update = OneTrialAdam(list(ref_wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, "cpu")
+    step = L2WStep(fast_heads, fast_wpn, SETTINGS, bs, fractions)
+    wpn0 = [p.detach().clone() for p in ref_wpn.parameters()]
+    for lo, hi in ((0, 30), (30, 61), (61, 62), (62, 96)):
+        feats, labels, last = data.train.rows(torch.arange(lo, hi))
+        step(feats, labels, last)
+        half = (hi - lo + 1) // 2
+        rows = [(feats, labels, last)]
+        if hi - lo >= 2:
+            rows = [([f[s] for f in feats], labels[s], None if last is None else last[s])
+                    for s in (slice(0, half), slice(half, None))]
+        for i, train_rows in enumerate(rows):
+            residual, ce = l2w_residual(ref_heads, *train_rows)
+            if len(rows) == 2:
+                meta_update.apply(l2w_meta_gradient(ref_heads, ref_wpn, train_rows[0], residual, ce, rows[1 - i],
+                                                    fractions, bs))
+            with torch.no_grad():
+                weights = l2w_weights(ref_wpn(ce), bs.l2w_epsilon)
+            update.apply(_weighted_ce_grads(train_rows[0], residual, weights, len(ref_heads.im_weight)))
+    assert max(float((p.detach() - q).abs().max()) for p, q in zip(ref_wpn.parameters(), wpn0)) > 1e-3
+    for got, want in zip(list(fast_wpn.parameters()), list(ref_wpn.parameters())):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(fast_heads.im_params(), ref_heads.im_params()):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
