@@ -155,19 +155,23 @@ def _fit_ims(data: TrainData, settings: TrainSettings, make_step: Callable, v2_s
 
 
 class RunParams:
-    """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, D, K) weights and
-    (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit; heads.im_weight
-    and im_bias become views of them (the model reads and copies them as before). On the CPU a batched product
-    gives each exit's slice bit for bit what a single product gives (tests/test_baselines.py); with a dozen
-    small exits the per-call overhead, not the arithmetic, is what the runs save."""
+    """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, K, D) transposed
+    weights and (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit;
+    heads.im_weight and im_bias become views of them (the model reads and copies them as before).
+
+    Why transposed: with K classes far fewer than the D features, the weight gradient dz^T x (K, D) and the logits
+    x (W^T)^T run several times faster on the CPU than x^T dz (D, K) and x W (bench: a fifth of the time for the
+    widest exit). A batched product gives each exit's slice what one product per exit gives (up to the order of a
+    threaded sum), and with a dozen small exits the per-call overhead is what the runs save (tests/test_baselines.py)."""
 
     def __init__(self, heads: StackedHeads):
         dims = heads.exit_dims
         self.runs = exit_runs(dims)
-        self.weights = [torch.stack([heads.im_weight[l].detach()[:, 0] for l in range(lo, hi)])
+        self.weights = [torch.stack([heads.im_weight[l].detach()[:, 0].T for l in range(lo, hi)])
                         for lo, hi in self.runs]
         self.biases = [torch.stack([heads.im_bias[l].detach() for l in range(lo, hi)]) for lo, hi in self.runs]
-        heads.im_weight = [w[l - lo].unsqueeze(1) for (lo, hi), w in zip(self.runs, self.weights) for l in range(lo, hi)]
+        heads.im_weight = [w[l - lo].T.unsqueeze(1) for (lo, hi), w in zip(self.runs, self.weights)
+                           for l in range(lo, hi)]
         heads.im_bias = [b[l - lo] for (lo, hi), b in zip(self.runs, self.biases) for l in range(lo, hi)]
         self.n_trained = len(dims)
         self.num_classes = heads.num_classes
@@ -180,19 +184,20 @@ class RunParams:
         return [feats[lo][None] if hi - lo == 1 else torch.stack(feats[lo:hi]) for lo, hi in self.runs]
 
     def logits(self, x: list[torch.Tensor], last, weights=None, biases=None) -> torch.Tensor:
-        """(L, B, K) logits of every exit from run-stacked features x (the frozen last exit's from `last`)."""
+        """(L, B, K) logits of every exit from run-stacked features x (the frozen last exit's from `last`), with
+        params() or the given (weights, biases) in its layout."""
         weights, biases = weights or self.weights, biases or self.biases
         b = x[0].shape[1]
         z = torch.empty(self.n_trained + (last is not None), b, self.num_classes, device=x[0].device)
         for (lo, hi), xr, w, bias in zip(self.runs, x, weights, biases):
-            torch.baddbmm(bias, xr, w, out=z[lo:hi])
+            torch.baddbmm(bias, xr, w.transpose(1, 2), out=z[lo:hi])
         if last is not None:
             z[-1] = last
         return z
 
     def grads(self, x: list[torch.Tensor], dz: torch.Tensor) -> list[torch.Tensor]:
-        """Weight and bias gradients (params() order) of logit gradients dz (n_trained, B, K)."""
-        gw = [torch.bmm(xr.transpose(1, 2), dz[lo:hi]) for (lo, hi), xr in zip(self.runs, x)]
+        """Weight and bias gradients (params() order and layout) of logit gradients dz (n_trained, B, K)."""
+        gw = [torch.bmm(dz[lo:hi].transpose(1, 2), xr) for (lo, hi), xr in zip(self.runs, x)]
         return gw + [dz[lo:hi].sum(1, keepdim=True) for lo, hi in self.runs]
 
 
@@ -408,8 +413,8 @@ class L2WStep:
         b_meta = len(my)
         if b_meta not in self.targets:
             self.targets[b_meta] = cumulative_targets(b_meta, self.fractions)
-        exit_index = torch.from_numpy(route_by_budget(np.ascontiguousarray(max_softmax(z.transpose(0, 1)).cpu().numpy()),
-                                                      self.targets[b_meta])).to(z.device)
+        confidence = np.ascontiguousarray(max_softmax(z.transpose(0, 1)).cpu().numpy())
+        exit_index = torch.from_numpy(route_by_budget(confidence, self.targets[b_meta])).to(z.device)
         counts = torch.bincount(exit_index, minlength=z.shape[0]).clamp_min(1).to(z.dtype)
         # budget loss: sum over exits of the mean CE of the samples routed there; its logit gradient
         routed = (exit_index[None, :] == torch.arange(n, device=z.device)[:, None]) / counts[:n, None]
@@ -418,7 +423,8 @@ class L2WStep:
         dz *= routed[..., None]
         g_ahead = ims.grads(mx, dz)
         # d meta / d w_bl = -a/B <x_bl G_l + g_l, s_bl - y_b>
-        u = [torch.baddbmm(gb, xr, gw) for xr, gw, gb in zip(x, g_ahead[:n_runs], g_ahead[n_runs:])]
+        u = [torch.baddbmm(gb, xr, gw.transpose(1, 2))
+             for xr, gw, gb in zip(x, g_ahead[:n_runs], g_ahead[n_runs:])]
         d_weights = torch.zeros_like(weights)
         d_weights[:, :n] = (torch.cat(u) * residual[:n]).sum(-1).T * (-bs.l2w_lookahead_lr / residual.shape[1])
         # back through l2w_weights (1 + eps (raw - mean raw)), tanh, the second layer, ReLU, the first layer
