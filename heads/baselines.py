@@ -238,14 +238,29 @@ def boosted_grads(heads: StackedHeads, feats, labels, last, gamma: float) -> lis
     return _weighted_ce_grads(feats, residual, torch.ones(residual.shape[:2], device=residual.device), n_boosted)
 
 
+class BoostedStep:
+    """train_boosted's mini-batch step: boosted_grads with the products batched per run of equal-width exits
+    (RunParams), then one Adam step (tests/test_baselines.py runs it beside boosted_grads)."""
+
+    def __init__(self, heads: StackedHeads, settings: TrainSettings, gamma: float):
+        self.ims, self.gamma = RunParams(heads), gamma
+        self.update = OneTrialAdam(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
+
+    @torch.no_grad()
+    def __call__(self, feats, labels, last):
+        x, n = self.ims.stack(feats), self.ims.n_trained
+        ens = boosted_ensemble(self.ims.logits(x, last).transpose(0, 1), self.gamma, n)     # (B, L, K)
+        coef = _ce_residual(ens, labels)[:, :n] / labels.shape[0]
+        self.update.apply(self.ims.grads(x, coef.transpose(0, 1)))
+
+
 def train_boosted(data: TrainData, settings: TrainSettings, gamma: float) -> StackedHeads:
     """BoostedNet training: sum over trained exits s of CE(y, o_s + gamma * sg(F_{s-1})), gradients in closed
     form (boosted_grads)."""
     n_boosted = len(data.exit_dims) if data.trains_last else len(data.exit_dims) - 1
 
     def make_step(heads):
-        update = OneTrialAdam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
-        return lambda feats, labels, last: update.apply(boosted_grads(heads, feats, labels, last, gamma))
+        return BoostedStep(heads, settings, gamma)
 
     def v2_score(heads):
         ens = boosted_ensemble(split_logits(heads, data.v2), gamma, n_boosted)

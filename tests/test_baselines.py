@@ -391,3 +391,22 @@ def test_l2w_step_equals_the_reference_step(frozen_last):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
     for got, want in zip(fast_heads.im_params(), ref_heads.im_params()):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_boosted_step_equals_boosted_grads_with_adam(frozen_last):
+    """BoostedStep (batched products, transposed weights) moves the IMs as boosted_grads + one Adam step does."""
+    from heads.baselines import BoostedStep, OneTrialAdam, boosted_grads
+    data, _ = _data(frozen_last=frozen_last)
+    ref = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
+    fast = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
+    update = OneTrialAdam(ref.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
+    step = BoostedStep(fast, SETTINGS, 0.5)
+    start = [p.clone() for p in ref.im_params()]
+    for lo, hi in ((0, 30), (30, 61), (61, 62), (62, 96)):
+        feats, labels, last = data.train.rows(torch.arange(lo, hi))
+        step(feats, labels, last)
+        update.apply(boosted_grads(ref, feats, labels, last, 0.5))
+    assert max(float((p - q).abs().max()) for p, q in zip(ref.im_params(), start)) > 1e-2
+    for got, want in zip(fast.im_params(), ref.im_params()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
