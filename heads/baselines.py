@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from heads.evaluate import ExitOutputs
+from heads.gate_features import _features_grad_kernel, gate_features_numpy
+from heads.kernels import weighted_ce_grad
 from heads.exits import exit_costs, exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.thresholds import (
@@ -155,22 +157,22 @@ def _fit_ims(data: TrainData, settings: TrainSettings, make_step: Callable, v2_s
 
 
 class RunParams:
-    """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, K, D) transposed
-    weights and (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit;
-    heads.im_weight and im_bias become views of them (the model reads and copies them as before).
-
-    Why transposed: with K classes far fewer than the D features, the weight gradient dz^T x (K, D) and the logits
-    x (W^T)^T run several times faster on the CPU than x^T dz (D, K) and x W (bench: a fifth of the time for the
-    widest exit). A batched product gives each exit's slice what one product per exit gives (up to the order of a
-    threaded sum), and with a dozen small exits the per-call overhead is what the runs save (tests/test_baselines.py)."""
+    """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, D, K) weights and
+    (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit; heads.im_weight
+    and im_bias become views of them (the model reads and copies them as before). With a dozen small exits the
+    per-call overhead, not the arithmetic, is what the runs save. On one CPU thread a batched product gives each
+    exit's slice bit for bit what one product per exit gives, so training takes the same steps as before
+    (tests/test_baselines.py). Why not the transposed (n, K, D) layout, whose products ran several times faster
+    for the widest exit: its sums add in another order, and L2W-DEN's discrete routing turns such last-bit
+    differences into visibly different models (compare's matched-cost table moved)."""
 
     def __init__(self, heads: StackedHeads):
         dims = heads.exit_dims
         self.runs = exit_runs(dims)
-        self.weights = [torch.stack([heads.im_weight[l].detach()[:, 0].T for l in range(lo, hi)])
+        self.weights = [torch.stack([heads.im_weight[l].detach()[:, 0] for l in range(lo, hi)])
                         for lo, hi in self.runs]
         self.biases = [torch.stack([heads.im_bias[l].detach() for l in range(lo, hi)]) for lo, hi in self.runs]
-        heads.im_weight = [w[l - lo].T.unsqueeze(1) for (lo, hi), w in zip(self.runs, self.weights)
+        heads.im_weight = [w[l - lo].unsqueeze(1) for (lo, hi), w in zip(self.runs, self.weights)
                            for l in range(lo, hi)]
         heads.im_bias = [b[l - lo] for (lo, hi), b in zip(self.runs, self.biases) for l in range(lo, hi)]
         self.n_trained = len(dims)
@@ -184,21 +186,29 @@ class RunParams:
         return [feats[lo][None] if hi - lo == 1 else torch.stack(feats[lo:hi]) for lo, hi in self.runs]
 
     def logits(self, x: list[torch.Tensor], last, weights=None, biases=None) -> torch.Tensor:
-        """(L, B, K) logits of every exit from run-stacked features x (the frozen last exit's from `last`), with
-        params() or the given (weights, biases) in its layout."""
+        """(B, L, K) logits of every exit (im_logits' layout) from run-stacked features x (the frozen last exit's
+        from `last`), with params() or the given (weights, biases)."""
         weights, biases = weights or self.weights, biases or self.biases
         b = x[0].shape[1]
         z = torch.empty(self.n_trained + (last is not None), b, self.num_classes, device=x[0].device)
         for (lo, hi), xr, w, bias in zip(self.runs, x, weights, biases):
-            torch.baddbmm(bias, xr, w.transpose(1, 2), out=z[lo:hi])
+            torch.baddbmm(bias, xr, w, out=z[lo:hi])
         if last is not None:
             z[-1] = last
-        return z
+        return z.transpose(0, 1).contiguous()
 
-    def grads(self, x: list[torch.Tensor], dz: torch.Tensor) -> list[torch.Tensor]:
-        """Weight and bias gradients (params() order and layout) of logit gradients dz (n_trained, B, K)."""
-        gw = [torch.bmm(dz[lo:hi].transpose(1, 2), xr) for (lo, hi), xr in zip(self.runs, x)]
-        return gw + [dz[lo:hi].sum(1, keepdim=True) for lo, hi in self.runs]
+    def grads(self, x: list[torch.Tensor], dz: torch.Tensor, exit_sums: bool = False) -> list[torch.Tensor]:
+        """Weight and bias gradients (params() order) of logit gradients dz (B, n_trained or more, K). The bias
+        gradient is a sum over the batch, added in the order the reference adds it: dz.sum(0) over all exits at
+        once (_weighted_ce_grads), or exit_sums=True one exit's slice at a time (autograd's addmm backward)."""
+        d = dz.transpose(0, 1)
+        gw = [torch.bmm(xr.transpose(1, 2), d[lo:hi]) for (lo, hi), xr in zip(self.runs, x)]
+        if exit_sums:
+            sums = [torch.stack([dz[:, l].sum(0) for l in range(lo, hi)]) for lo, hi in self.runs]
+        else:
+            total = dz[:, :self.n_trained].sum(0)
+            sums = [total[lo:hi] for lo, hi in self.runs]
+        return gw + [s[:, None] for s in sums]
 
 
 def exit_runs(dims) -> list[tuple[int, int]]:
@@ -249,9 +259,9 @@ class BoostedStep:
     @torch.no_grad()
     def __call__(self, feats, labels, last):
         x, n = self.ims.stack(feats), self.ims.n_trained
-        ens = boosted_ensemble(self.ims.logits(x, last).transpose(0, 1), self.gamma, n)     # (B, L, K)
-        coef = _ce_residual(ens, labels)[:, :n] / labels.shape[0]
-        self.update.apply(self.ims.grads(x, coef.transpose(0, 1)))
+        ens = boosted_ensemble(self.ims.logits(x, last), self.gamma, n)                   # (B, L, K)
+        coef = _ce_residual(ens, labels)[:, :n] * (torch.ones(labels.shape[0], n, 1) / labels.shape[0])
+        self.update.apply(self.ims.grads(x, coef))
 
 
 def train_boosted(data: TrainData, settings: TrainSettings, gamma: float) -> StackedHeads:
@@ -359,11 +369,14 @@ class L2WStep:
     """train_l2w's mini-batch step: per half-batch, the meta step of the WPN and the weighted step of the IMs, all
     gradients in closed form and the IM products batched per run of equal-width exits (RunParams).
 
-    The same step as the reference functions above (l2w_residual, l2w_meta_gradient through the budget loss and
-    autograd, _weighted_ce_grads), which tests/test_baselines.py runs side by side with this one: the budget loss's
-    logit gradient is (softmax - onehot) / count at the exit each meta sample is routed to (route_by_budget, the
-    routing of fit_thresholds), and the WPN's backward is written out (two linear layers, ReLU, tanh and the mean of
-    l2w_weights), so no autograd graph is built per half-batch."""
+    The same step, bit for bit on one CPU thread, as the reference functions above (l2w_residual,
+    l2w_meta_gradient through the budget loss and autograd, _weighted_ce_grads), which tests/test_baselines.py runs
+    side by side with this one. Bit for bit because L2W-DEN's routing is discrete: a last-bit difference moves a
+    meta sample to another exit now and then, and the trained models drift apart visibly. So the closed forms
+    below take autograd's own formulas and order: the budget loss's logit gradient g exp(z - logsumexp z) minus g
+    at the label, g = 1/count at the exit each meta sample is routed to (route_by_budget, fit_thresholds' routing
+    compiled); the WPN's backward through l2w_weights' mean, tanh, two linear layers and ReLU as their backward
+    functions compute it. No autograd graph is built per half-batch."""
 
     def __init__(self, heads: StackedHeads, wpn: "WeightPredictionNet", settings: TrainSettings,
                  bs: BaselineSettings, fractions: torch.Tensor):
@@ -393,22 +406,18 @@ class L2WStep:
 
     @torch.no_grad()
     def residual(self, x, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, B, K) softmax - onehot and (B, L) cross-entropy of every exit on a half-batch."""
+        """l2w_residual: (B, L, K) softmax - onehot and (B, L) cross-entropy of every exit on a half-batch."""
         z = self.ims.logits(x, last)
-        picked = z.gather(-1, labels[None, :, None].expand(z.shape[0], -1, 1)).squeeze(-1)
-        ce = (torch.logsumexp(z, -1) - picked).T.contiguous()
-        residual = torch.softmax(z, -1)
-        residual[:, torch.arange(len(labels)), labels] -= 1.0
-        return residual, ce
+        return _ce_residual(z, labels), exit_cross_entropy(z[None], labels)[0]
 
     def _coef(self, residual, weights):
-        """Logit gradient of _weighted_loss: weights_bl (softmax - onehot) / B, (n_trained, B, K)."""
+        """_weighted_ce_grads' logit gradient weights_bl (softmax - onehot) / B, (B, n_trained, K)."""
         n = self.ims.n_trained
-        return residual[:n] * (weights.T[:n, :, None] / residual.shape[1])
+        return residual[:, :n] * (weights[:, :n, None] / residual.shape[0])
 
     @torch.no_grad()
     def _wpn(self, ce):
-        """The WPN's forward (its nn.Linear layers' arithmetic): (first pre-activation, hidden, raw output)."""
+        """The WPN's forward (nn.Linear's F.linear): (first pre-activation, hidden, raw output)."""
         w1, b1, w2, b2 = self.wpn_params
         h1 = torch.nn.functional.linear(ce, w1, b1)
         hidden = torch.relu(h1)
@@ -424,28 +433,30 @@ class L2WStep:
         ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(ims.params(), grads)]
         n_runs = len(ims.runs)
         mx, my, mlast = meta_rows
-        z = ims.logits(mx, mlast, ahead[:n_runs], ahead[n_runs:])                         # (L, Bm, K)
-        b_meta = len(my)
+        z = ims.logits(mx, mlast, ahead[:n_runs], ahead[n_runs:])                         # (Bm, L, K)
+        b_meta, n_exits = z.shape[:2]
         if b_meta not in self.targets:
             self.targets[b_meta] = cumulative_targets(b_meta, self.fractions)
-        confidence = np.ascontiguousarray(max_softmax(z.transpose(0, 1)).cpu().numpy())
-        exit_index = torch.from_numpy(route_by_budget(confidence, self.targets[b_meta])).to(z.device)
-        counts = torch.bincount(exit_index, minlength=z.shape[0]).clamp_min(1).to(z.dtype)
-        # budget loss: sum over exits of the mean CE of the samples routed there; its logit gradient
-        routed = (exit_index[None, :] == torch.arange(n, device=z.device)[:, None]) / counts[:n, None]
-        dz = torch.softmax(z[:n], -1)
-        dz[:, torch.arange(b_meta), my] -= 1.0
-        dz *= routed[..., None]
-        g_ahead = ims.grads(mx, dz)
+        exit_index = torch.from_numpy(route_by_budget(max_softmax(z).cpu().numpy(), self.targets[b_meta]))
+        exit_index = exit_index.to(z.device)
+        # _budget_loss's backward: 1/count into each routed sample's CE, then logsumexp's and the label's parts
+        counts = torch.bincount(exit_index, minlength=n_exits).clamp_min(1)
+        rows = torch.arange(b_meta, device=z.device)
+        d_ce = torch.zeros(b_meta, n_exits, device=z.device)
+        d_ce[rows, exit_index] = (torch.ones(n_exits, device=z.device) / counts)[exit_index]
+        dz = d_ce[..., None] * (z - torch.logsumexp(z, -1)[..., None]).exp()
+        dz[rows, :, my] += -d_ce
+        g_ahead = ims.grads(mx, dz, exit_sums=True)
         # d meta / d w_bl = -a/B <x_bl G_l + g_l, s_bl - y_b>
-        u = [torch.baddbmm(gb, xr, gw.transpose(1, 2))
-             for xr, gw, gb in zip(x, g_ahead[:n_runs], g_ahead[n_runs:])]
+        u = torch.cat([torch.bmm(xr, gw) + gb for xr, gw, gb in zip(x, g_ahead[:n_runs], g_ahead[n_runs:])])
         d_weights = torch.zeros_like(weights)
-        d_weights[:, :n] = (torch.cat(u) * residual[:n]).sum(-1).T * (-bs.l2w_lookahead_lr / residual.shape[1])
+        d_weights[:, :n] = (u * residual[:, :n].transpose(0, 1)).sum(-1).T * (-bs.l2w_lookahead_lr
+                                                                              / residual.shape[0])
         # back through l2w_weights (1 + eps (raw - mean raw)), tanh, the second layer, ReLU, the first layer
-        d_raw = bs.l2w_epsilon * (d_weights - d_weights.mean())
-        d_h2 = d_raw * (1 - raw * raw)
-        d_h1 = (d_h2 @ self.wpn_params[2]) * (h1 > 0)
+        d_diff = d_weights * bs.l2w_epsilon
+        d_raw = d_diff + (-d_diff).sum() / d_diff.numel()
+        d_h2 = torch.ops.aten.tanh_backward(d_raw, raw)                   # autograd's own kernels
+        d_h1 = torch.ops.aten.threshold_backward(d_h2 @ self.wpn_params[2], hidden, 0)
         return [d_h1.T @ ce, d_h1.sum(0), d_h2.T @ hidden, d_h2.sum(0)]
 
 
@@ -495,6 +506,59 @@ def diffbranch_loss(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> t
     return (p_g * exit_costs(exit_cross_entropy(logits, labels), lam, ic_norm)).sum(-1).mean(-1).sum()
 
 
+@torch.no_grad()
+def diffbranch_grads(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> list[torch.Tensor]:
+    """The gradient of diffbranch_loss in every IM and gate parameter (im_params() + gate_params() order), in
+    closed form on the CPU: the same forward (one product per exit for all trials, softmax, the gate statistics'
+    kernel, eqs. 7-8), then by hand the backward autograd takes through it: the expected loss's split into
+    dC = P/B and dP = C/B; eqs. 7-8's minimum (ties split the gradient in halves, as torch.minimum's backward
+    does), clamp and cumulative sum; the sigmoid and the gates' linear layer; the statistics' derivative kernel
+    (heads.gate_features, the one autograd calls); the softmax; every exit's CE (heads.kernels.weighted_ce_grad).
+    Logits live as (L, B, T, K) so that the gates' inputs and every exit's logit gradient are contiguous blocks.
+    No graph per batch: autograd's bookkeeping was the largest single cost of a DiffBranch step
+    (tests/test_baselines.py checks this against autograd on diffbranch_loss)."""
+    n_trials, n_exits, k, b = heads.n_trials, heads.n_exits, heads.num_classes, labels.shape[0]
+    n_w = len(heads.im_weight)
+    z = torch.empty(n_exits, b, n_trials, k)
+    for l, (x, w, bias) in enumerate(zip(feats, heads.im_weight, heads.im_bias)):
+        torch.addmm(bias.reshape(1, -1), x, w.reshape(w.shape[0], -1), out=z[l].view(b, -1))
+    if not heads.trains_last:
+        z[-1] = last[:, None, :]
+    p = torch.softmax(z, -1)
+    picked = z.gather(-1, labels[None, :, None, None].expand(n_exits, b, n_trials, 1)).squeeze(-1)
+    ce = (torch.logsumexp(z, -1) - picked).permute(2, 1, 0)           # (T, B, L)
+    probs = p[:-1]                                                     # (L-1, B, T, K), the gates' inputs
+    stats = torch.from_numpy(gate_features_numpy(probs.numpy()))       # (L-1, B, T, 4)
+    gate_w = heads.gate_weight.detach()                                # (T, L-1, 4)
+    a = (stats * gate_w.permute(1, 0, 2)[:, None]).sum(-1) + heads.gate_bias.detach().T[:, None]
+    g = torch.sigmoid(a).permute(2, 1, 0)                              # (T, B, L-1)
+    g_full = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
+    room = 1.0 - torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
+    m = torch.minimum(g_full, room)
+    d_cost = m.clamp_min(0.0) / b                                      # P(G=l|x) / B: exit_distribution
+    d_m = exit_costs(ce, lam, ic_norm) / b * (m >= 0)
+    d_m = torch.where(g_full == room, d_m / 2, d_m)
+    d_g = d_m.masked_fill(g_full > room, 0.0)[..., :-1]
+    d_room = d_m.masked_fill(room > g_full, 0.0)
+    # room_l = 1 - sum_{j<l} g_j: gate j receives -d_room_l of every later l
+    d_g = d_g - torch.flip(torch.cumsum(torch.flip(d_room[..., 1:], [-1]), -1), [-1])
+    d_a = (d_g * (1 - g) * g).permute(2, 1, 0)                         # (L-1, B, T)
+    grad_gate_w = torch.einsum("lbt,lbtf->tlf", d_a, stats)
+    grad_gate_b = d_a.sum(1).T
+    d_stats = (d_a[..., None] * gate_w.permute(1, 0, 2)[:, None]).reshape(-1, stats.shape[-1])
+    d_probs = torch.empty_like(probs)
+    _features_grad_kernel(probs.numpy().reshape(-1, k), d_stats.numpy(), d_probs.numpy().reshape(-1, k))
+    d_gate_z = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))    # softmax's backward
+    weighted_ce_grad(p, labels, d_cost)                                # p becomes the CE part of dz
+    p[:-1] += d_gate_z
+    grad_w, grad_b = [], []
+    for l, x in enumerate(feats[:n_w]):
+        d = p[l].view(b, n_trials * k)
+        grad_w.append((x.T @ d).view(x.shape[1], n_trials, k))
+        grad_b.append(d.sum(0).view(n_trials, k))
+    return grad_w + grad_b + [grad_gate_w, grad_gate_b]
+
+
 def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainSettings) -> StackedHeads:
     """All lambdas stacked, IMs from the JEI-DNN warm-up, Adam on IMs and gates jointly for the bi-level epoch
     budget (max_epochs - warmup_epochs); each trial kept at its best V2 objective with JEI-DNN's stopping rule."""
@@ -519,8 +583,10 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[2])
     for epoch in range(settings.max_epochs - settings.warmup_epochs):
         for batch in data.train.epoch(settings.batch_size, gen, device, stacked=False):
-            loss = diffbranch_loss(heads, *batch, lam, ic_norm)
-            adam.step(torch.autograd.grad(loss, params), active)
+            if torch.device(device).type == "cpu":
+                adam.step(diffbranch_grads(heads, *batch, lam, ic_norm), active)
+            else:   # the statistics' derivative kernel is the CPU's: autograd through the torch statistics
+                adam.step(torch.autograd.grad(diffbranch_loss(heads, *batch, lam, ic_norm), params), active)
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
         improved = active & (objective < best_obj)
         best_obj = torch.where(improved, objective, best_obj)
