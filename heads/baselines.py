@@ -45,7 +45,6 @@ from torch import nn
 
 from heads.evaluate import ExitOutputs
 from heads.gate_features import _features_grad_kernel, gate_features_numpy
-from heads.kernels import weighted_ce_grad
 from heads.exits import exit_costs, exit_decision, exit_distribution
 from heads.model import StackedHeads
 from heads.thresholds import (
@@ -160,11 +159,13 @@ class RunParams:
     """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, D, K) weights and
     (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit; heads.im_weight
     and im_bias become views of them (the model reads and copies them as before). With a dozen small exits the
-    per-call overhead, not the arithmetic, is what the runs save. On one CPU thread a batched product gives each
-    exit's slice bit for bit what one product per exit gives, so training takes the same steps as before
-    (tests/test_baselines.py). Why not the transposed (n, K, D) layout, whose products ran several times faster
-    for the widest exit: its sums add in another order, and L2W-DEN's discrete routing turns such last-bit
-    differences into visibly different models (compare's matched-cost table moved)."""
+    per-call overhead, not the arithmetic, is what the runs save. On one CPU thread, for the demo cache's shapes
+    (Lite0's exit widths, its batch halves; tests/test_baselines.py), a batched product gives each exit's slice
+    bit for bit what one product per exit gives, so training takes the same steps as before; other shapes may
+    round differently (torch's batched product loops by hand on tiny matrices). Why not the transposed (n, K, D)
+    layout, whose products ran several times faster for the widest exit: its sums add in another order, and
+    L2W-DEN's discrete routing turns such last-bit differences into visibly different models (compare's
+    matched-cost table moved)."""
 
     def __init__(self, heads: StackedHeads):
         dims = heads.exit_dims
@@ -260,7 +261,9 @@ class BoostedStep:
     def __call__(self, feats, labels, last):
         x, n = self.ims.stack(feats), self.ims.n_trained
         ens = boosted_ensemble(self.ims.logits(x, last), self.gamma, n)                   # (B, L, K)
-        coef = _ce_residual(ens, labels)[:, :n] * (torch.ones(labels.shape[0], n, 1) / labels.shape[0])
+        # weights 1 / B as _weighted_ce_grads forms them (a division by B would round differently)
+        coef = _ce_residual(ens, labels)[:, :n] * (torch.ones(labels.shape[0], n, 1, device=labels.device)
+                                                   / labels.shape[0])
         self.update.apply(self.ims.grads(x, coef))
 
 
@@ -340,7 +343,8 @@ def _weighted_ce_grads(feats, residual: torch.Tensor, weights: torch.Tensor, n_t
 
 
 def l2w_residual(heads: StackedHeads, feats, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
-    """One trial's (B, L, K) softmax - onehot of every exit and its (B, L) cross-entropy on a batch."""
+    """One trial's (B, L, K) softmax - onehot of every exit and its (B, L) cross-entropy on a batch (with
+    l2w_meta_gradient and _weighted_ce_grads, the reference step L2WStep is tested against)."""
     with torch.no_grad():
         logits = heads.im_logits(feats, last)[0]
         return _ce_residual(logits, labels), exit_cross_entropy(logits[None], labels)[0]
@@ -349,7 +353,8 @@ def l2w_residual(heads: StackedHeads, feats, labels, last) -> tuple[torch.Tensor
 def l2w_meta_gradient(heads: StackedHeads, wpn: nn.Module, feats, residual, ce, meta_rows, fractions,
                       bs: BaselineSettings) -> tuple[torch.Tensor, ...]:
     """The WPN's gradient of L2W-DEN's meta objective (train_l2w): the budget loss on meta_rows of the IMs after
-    one look-ahead SGD step on the weighted loss of the train half (feats, its residual and ce, l2w_residual)."""
+    one look-ahead SGD step on the weighted loss of the train half (feats, its residual and ce, l2w_residual).
+    The reference formulation (autograd through the look-ahead logits and the WPN); training runs L2WStep."""
     n_trained, params = len(heads.im_weight), list(wpn.parameters())
     weights = l2w_weights(wpn(ce), bs.l2w_epsilon)                                           # in the WPN's graph
     grads = _weighted_ce_grads(feats, residual, weights.detach(), n_trained)
@@ -509,51 +514,44 @@ def diffbranch_loss(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> t
 @torch.no_grad()
 def diffbranch_grads(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> list[torch.Tensor]:
     """The gradient of diffbranch_loss in every IM and gate parameter (im_params() + gate_params() order), in
-    closed form on the CPU: the same forward (one product per exit for all trials, softmax, the gate statistics'
-    kernel, eqs. 7-8), then by hand the backward autograd takes through it: the expected loss's split into
-    dC = P/B and dP = C/B; eqs. 7-8's minimum (ties split the gradient in halves, as torch.minimum's backward
-    does), clamp and cumulative sum; the sigmoid and the gates' linear layer; the statistics' derivative kernel
-    (heads.gate_features, the one autograd calls); the softmax; every exit's CE (heads.kernels.weighted_ce_grad).
-    Logits live as (L, B, T, K) so that the gates' inputs and every exit's logit gradient are contiguous blocks.
-    No graph per batch: autograd's bookkeeping was the largest single cost of a DiffBranch step
-    (tests/test_baselines.py checks this against autograd on diffbranch_loss)."""
-    n_trials, n_exits, k, b = heads.n_trials, heads.n_exits, heads.num_classes, labels.shape[0]
-    n_w = len(heads.im_weight)
-    z = torch.empty(n_exits, b, n_trials, k)
-    for l, (x, w, bias) in enumerate(zip(feats, heads.im_weight, heads.im_bias)):
-        torch.addmm(bias.reshape(1, -1), x, w.reshape(w.shape[0], -1), out=z[l].view(b, -1))
-    if not heads.trains_last:
-        z[-1] = last[:, None, :]
-    p = torch.softmax(z, -1)
-    picked = z.gather(-1, labels[None, :, None, None].expand(n_exits, b, n_trials, 1)).squeeze(-1)
-    ce = (torch.logsumexp(z, -1) - picked).permute(2, 1, 0)           # (T, B, L)
-    probs = p[:-1]                                                     # (L-1, B, T, K), the gates' inputs
-    stats = torch.from_numpy(gate_features_numpy(probs.numpy()))       # (L-1, B, T, 4)
-    gate_w = heads.gate_weight.detach()                                # (T, L-1, 4)
-    a = (stats * gate_w.permute(1, 0, 2)[:, None]).sum(-1) + heads.gate_bias.detach().T[:, None]
-    g = torch.sigmoid(a).permute(2, 1, 0)                              # (T, B, L-1)
+    closed form on the CPU, bit for bit what autograd returns on one thread: the same forward, then the backward
+    formulas autograd runs, in its order. The expected loss's dP = C/B and dC = P/B (1/B as mean's backward forms
+    it); eqs. 7-8's clamp, minimum (ties split in halves), the mass left and its cumulative sum (reversed); the
+    sigmoid (aten's kernel) and the gates' linear layer; the statistics' derivative kernel (heads.gate_features,
+    the one autograd calls); the softmax (aten's kernel); every exit's CE as logsumexp's and the label's parts,
+    summed with the gates' part in the order autograd accumulates them. No graph per batch: autograd's bookkeeping
+    was the largest single cost of a DiffBranch step (tests/test_baselines.py checks the bits)."""
+    logits = heads.im_logits(feats, last)                              # (T, B, L, K)
+    n_trials, b, n_exits, k = logits.shape
+    probs = torch.softmax(logits[:, :, :-1, :], dim=-1)                # the gates' inputs
+    stats = torch.from_numpy(gate_features_numpy(probs.numpy()))       # (T, B, L-1, 4)
+    gate_w = heads.gate_weight.detach()[:, None]
+    g = torch.sigmoid((stats * gate_w).sum(-1) + heads.gate_bias.detach()[:, None])
     g_full = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
     room = 1.0 - torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
     m = torch.minimum(g_full, room)
-    d_cost = m.clamp_min(0.0) / b                                      # P(G=l|x) / B: exit_distribution
-    d_m = exit_costs(ce, lam, ic_norm) / b * (m >= 0)
+    index = labels[None, :, None, None].expand(n_trials, b, n_exits, 1)
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(-1, index).squeeze(-1)
+    inv_b = torch.ones((), device=logits.device) / b
+    d_ce = inv_b * m.clamp_min(0.0)                                    # P(G=l|x) / B
+    d_m = torch.where(m >= 0, inv_b * exit_costs(ce, lam, ic_norm), 0.0)
     d_m = torch.where(g_full == room, d_m / 2, d_m)
-    d_g = d_m.masked_fill(g_full > room, 0.0)[..., :-1]
-    d_room = d_m.masked_fill(room > g_full, 0.0)
-    # room_l = 1 - sum_{j<l} g_j: gate j receives -d_room_l of every later l
-    d_g = d_g - torch.flip(torch.cumsum(torch.flip(d_room[..., 1:], [-1]), -1), [-1])
-    d_a = (d_g * (1 - g) * g).permute(2, 1, 0)                         # (L-1, B, T)
-    grad_gate_w = torch.einsum("lbt,lbtf->tlf", d_a, stats)
-    grad_gate_b = d_a.sum(1).T
-    d_stats = (d_a[..., None] * gate_w.permute(1, 0, 2)[:, None]).reshape(-1, stats.shape[-1])
+    d_room = d_m.masked_fill(g_full < room, 0.0)
+    d_g = d_m.masked_fill(g_full > room, 0.0)[..., :-1] + (-d_room[..., 1:]).flip(-1).cumsum(-1).flip(-1)
+    d_a = torch.ops.aten.sigmoid_backward(d_g, g)
+    grad_gate_w = (d_a[..., None] * stats).sum(1)
+    grad_gate_b = d_a.sum(1)
+    d_stats = (d_a[..., None] * gate_w).contiguous()
     d_probs = torch.empty_like(probs)
-    _features_grad_kernel(probs.numpy().reshape(-1, k), d_stats.numpy(), d_probs.numpy().reshape(-1, k))
-    d_gate_z = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))    # softmax's backward
-    weighted_ce_grad(p, labels, d_cost)                                # p becomes the CE part of dz
-    p[:-1] += d_gate_z
+    _features_grad_kernel(probs.numpy().reshape(-1, k), d_stats.numpy().reshape(-1, d_stats.shape[-1]),
+                          d_probs.numpy().reshape(-1, k))
+    d_logits = d_ce[..., None] * (logits - lse[..., None]).exp()
+    d_logits = d_logits + torch.zeros_like(logits).scatter_add_(-1, index, -d_ce[..., None])
+    d_logits[:, :, :-1] += torch.ops.aten._softmax_backward_data(d_probs, probs, -1, probs.dtype)
     grad_w, grad_b = [], []
-    for l, x in enumerate(feats[:n_w]):
-        d = p[l].view(b, n_trials * k)
+    for l, x in enumerate(feats[:len(heads.im_weight)]):
+        d = d_logits[:, :, l].permute(1, 0, 2).reshape(b, n_trials * k)
         grad_w.append((x.T @ d).view(x.shape[1], n_trials, k))
         grad_b.append(d.sum(0).view(n_trials, k))
     return grad_w + grad_b + [grad_gate_w, grad_gate_b]
