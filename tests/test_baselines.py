@@ -44,6 +44,28 @@ def _data(frozen_last=True, seed=0):
     return data, _split(60, gen, frozen_last)
 
 
+def _wide_rows(n, frozen_last, seed=0, dims=(16, 24, 24, 40), k=10):
+    """A batch shaped like the demo cache's (Lite0 exit widths, ten classes), where the batched products of
+    RunParams give one product per exit's bits: torch's batched product loops by hand below a few hundred
+    multiply-adds (the tiny DIMS above), and some other shapes (odd half-batches) were seen to round differently."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    feats = [(0.3 * (l + 1) * torch.randn(k, d, generator=gen)[labels] + torch.randn(n, d, generator=gen))
+             for l, d in enumerate(dims)]
+    last = 2.0 * torch.nn.functional.one_hot(labels, k).float() + torch.randn(n, k, generator=gen)
+    return feats, labels, last if frozen_last else None
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons run on one torch thread, as compare --threads 1 trains: a threaded product may
+    add in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- threshold gating ----------------------------------------------------------------------------------------------
 def test_budget_fractions_are_normalised_powers_of_p():
     for p in (0.05, 0.5, 1.0, 1.95):
@@ -314,3 +336,125 @@ def test_boosted_closed_form_grads_equal_autograd(frozen_last):
     want = torch.autograd.grad(exit_cross_entropy(ens, labels)[..., :n_w].sum(-1).mean(), params)
     for g, w in zip(boosted_grads(heads, feats, labels, last, 0.5), want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_route_by_budget_equals_fit_thresholds_routing_with_ties():
+    """The compiled routing of L2W-DEN's meta half-batches takes fit_thresholds' exits, tied confidences included."""
+    from heads.baselines.thresholds import cumulative_targets, route_by_budget
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 32, 33):
+        for p in (0.3, 0.75, 1.0, 1.7):
+            for tie in (False, True):
+                conf = torch.rand(n, 6, generator=gen, dtype=torch.float64)
+                if tie:
+                    conf = (conf * 3).round() / 3          # few distinct values: ties at every threshold
+                fractions = budget_fractions(p, 6)
+                want = fit_thresholds(conf, fractions)[1]
+                got = route_by_budget(conf.numpy(), cumulative_targets(n, fractions))
+                assert torch.equal(torch.from_numpy(got), want), (n, p, tie)
+
+
+def test_run_params_batched_products_equal_per_exit_products(one_thread):
+    """RunParams' batched products give every exit's logits and gradients bit for bit as one product per exit."""
+    from heads.baselines.methods import RunParams, _weighted_ce_grads, exit_runs
+    assert exit_runs([16, 24, 24, 40, 40, 40, 24]) == [(0, 1), (1, 3), (3, 6), (6, 7)]
+    dims = [16, 24, 24, 40, 40, 40, 192, 192, 1280]
+    heads = StackedHeads.init(dims, 10, 1, True, seed=3)
+    want_w = [w.clone() for w in heads.im_weight]
+    ims = RunParams(heads)
+    assert all(torch.equal(w, v) for w, v in zip(heads.im_weight, want_w))
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(32, d, generator=gen) for d in dims]
+    x = ims.stack(feats)
+    assert torch.equal(ims.logits(x, None), heads.im_logits(feats)[0])
+    residual = torch.randn(32, len(dims), 10, generator=gen)
+    weights = torch.rand(32, len(dims), generator=gen)
+    want = _weighted_ce_grads(feats, residual, weights, len(dims))
+    got = ims.grads(x, residual * (weights[..., None] / 32))
+    per_exit = [g for run in got[:len(ims.runs)] for g in run] + [g for run in got[len(ims.runs):] for g in run]
+    for g, w in zip(per_exit[:len(dims)], want[:len(dims)]):
+        assert torch.equal(g, w[:, 0])
+    for g, w in zip(per_exit[len(dims):], want[len(dims):]):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
+    """L2WStep (closed-form WPN backward, batched products, compiled routing) moves the IMs and the WPN bit for
+    bit as the reference step does: l2w_residual, l2w_meta_gradient (autograd through the WPN, fit_thresholds
+    routing) and _weighted_ce_grads, one Adam step each, over batches of the sizes a 64-row epoch of the demo cache
+    takes (its tail has 24 rows)."""
+    from heads.baselines.methods import (L2WStep, OneTrialAdam, _weighted_ce_grads, l2w_meta_gradient, l2w_residual)
+    dims, k = [16, 24, 24, 40], 10
+    bs = BaselineSettings(l2w_meta_lr=1e-2)          # a meta step large enough to move the weights visibly
+    fractions = budget_fractions(bs.l2w_p, len(dims))
+    ref_heads = StackedHeads.init(dims, k, 1, not frozen_last, seed=3)
+    ref_wpn = WeightPredictionNet(len(dims), bs.l2w_hidden, seed=4)
+    fast_heads = StackedHeads.init(dims, k, 1, not frozen_last, seed=3)
+    fast_wpn = WeightPredictionNet(len(dims), bs.l2w_hidden, seed=4)
+    update = OneTrialAdam(ref_heads.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
+    meta_update = OneTrialAdam(list(ref_wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, "cpu")
+    step = L2WStep(fast_heads, fast_wpn, SETTINGS, bs, fractions)
+    wpn0 = [p.detach().clone() for p in ref_wpn.parameters()]
+    for seed, n in enumerate((64, 48, 24, 64)):
+        feats, labels, last = _wide_rows(n, frozen_last, seed)
+        step(feats, labels, last)
+        half = (n + 1) // 2
+        rows = [([f[s] for f in feats], labels[s], None if last is None else last[s])
+                for s in (slice(0, half), slice(half, None))]
+        for i, train_rows in enumerate(rows):
+            residual, ce = l2w_residual(ref_heads, *train_rows)
+            meta_update.apply(l2w_meta_gradient(ref_heads, ref_wpn, train_rows[0], residual, ce, rows[1 - i],
+                                                fractions, bs))
+            with torch.no_grad():
+                weights = l2w_weights(ref_wpn(ce), bs.l2w_epsilon)
+            update.apply(_weighted_ce_grads(train_rows[0], residual, weights, len(ref_heads.im_weight)))
+    assert max(float((p.detach() - q).abs().max()) for p, q in zip(ref_wpn.parameters(), wpn0)) > 1e-3
+    for got, want in zip(list(fast_wpn.parameters()), list(ref_wpn.parameters())):
+        assert torch.equal(got.detach(), want.detach())
+    for got, want in zip(fast_heads.im_params(), ref_heads.im_params()):
+        assert torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_boosted_step_equals_boosted_grads_with_adam(frozen_last, one_thread):
+    """BoostedStep (batched products) moves the IMs bit for bit as boosted_grads + one Adam step does."""
+    from heads.baselines.methods import BoostedStep, OneTrialAdam, boosted_grads
+    ref = StackedHeads.init([16, 24, 24, 40], 10, 1, not frozen_last, seed=3)
+    fast = StackedHeads.init([16, 24, 24, 40], 10, 1, not frozen_last, seed=3)
+    update = OneTrialAdam(ref.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
+    step = BoostedStep(fast, SETTINGS, 0.5)
+    start = [p.clone() for p in ref.im_params()]
+    for seed, n in enumerate((64, 48, 24, 64)):
+        feats, labels, last = _wide_rows(n, frozen_last, seed)
+        step(feats, labels, last)
+        update.apply(boosted_grads(ref, feats, labels, last, 0.5))
+    assert max(float((p - q).abs().max()) for p, q in zip(ref.im_params(), start)) > 1e-2
+    for got, want in zip(fast.im_params(), ref.im_params()):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_diffbranch_closed_form_grads_equal_autograd(frozen_last, one_thread):
+    """diffbranch_grads = autograd of diffbranch_loss (eq. 9 through the gate statistics) bit for bit in every IM
+    and gate parameter, for a stack of lambdas, with gates both inside and past the mass clamp of eqs. 7-8."""
+    from heads.baselines.methods import diffbranch_grads
+    data, _ = _data(frozen_last=frozen_last)
+    lam = torch.tensor([0.0, 0.3, 3.0])
+    heads = StackedHeads.init(data.exit_dims, K, 3, data.trains_last, seed=3)
+    gen = torch.Generator().manual_seed(2)
+    heads.gate_bias = torch.randn(heads.gate_bias.shape, generator=gen) * 2     # some samples use up their mass
+    heads.gate_weight = torch.randn(heads.gate_weight.shape, generator=gen)
+    heads.im_weight = [w + 0.3 * torch.randn(w.shape, generator=gen) for w in heads.im_weight]
+    feats, labels, last = data.train.rows(torch.arange(0, 40))
+    params = [p.clone().requires_grad_(True) for p in heads.im_params() + heads.gate_params()]
+    n_w = len(heads.im_weight)
+    live = dataclasses.replace(heads, im_weight=params[:n_w], im_bias=params[n_w:2 * n_w],
+                               gate_weight=params[-2], gate_bias=params[-1])
+    want = torch.autograd.grad(diffbranch_loss(live, feats, labels, last, lam, data.ic_norm), params)
+    got = diffbranch_grads(heads, feats, labels, last, lam, data.ic_norm)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert torch.equal(g, w)
+    assert float(want[-1].abs().max()) > 1e-3 and float(want[0].abs().max()) > 1e-3

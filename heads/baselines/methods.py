@@ -45,12 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from heads.baselines.thresholds import (
+    DEFAULT_P_GRID, budget_fractions, budget_sweep, cumulative_targets, fit_thresholds, max_softmax, route_by_budget,
+    threshold_sweep,
+)
 from heads.evaluation.evaluate import ExitOutputs
 from heads.model.exits import exit_costs, exit_decision, exit_distribution
+from heads.model.gate_features import _features_grad_kernel, gate_features_numpy
 from heads.model.stack import StackedHeads
-from heads.baselines.thresholds import (
-    DEFAULT_P_GRID, budget_fractions, budget_sweep, fit_thresholds, max_softmax, threshold_sweep,
-)
 from heads.train.adam import StackedAdam
 from heads.train.kernels import exit_cross_entropy
 from heads.train.bilevel import TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, train_stack, warmup
@@ -136,18 +138,16 @@ class OneTrialAdam:
 
 
 
-def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score: Callable) -> StackedHeads:
-    """Train one IM stack with `step(heads, update, feats, labels, last)` per mini-batch, update.apply(grads) being one
-    optimiser step; keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
+def _fit_ims(data: TrainData, settings: TrainSettings, make_step: Callable, v2_score: Callable) -> StackedHeads:
+    """Train one IM stack with step = make_step(heads), step(feats, labels, last) per mini-batch (it owns the
+    optimiser); keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
     heads = _single_model(data, settings)
-    for p in heads.im_params():
-        p.requires_grad_(True)
-    update = OneTrialAdam(heads.im_params(), settings.lr, settings.weight_decay, settings.device)
+    step = make_step(heads)
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[1])
     best, best_score, stale = heads.select(0), math.inf, 0
     for epoch in range(settings.max_epochs):
         for batch in data.train.epoch(settings.batch_size, gen, settings.device, stacked=False):
-            step(heads, update, *batch)
+            step(*batch)
         score = float(v2_score(heads))
         if score < best_score:
             best, best_score, stale = heads.select(0), score, 0
@@ -157,6 +157,73 @@ def _fit_ims(data: TrainData, settings: TrainSettings, step: Callable, v2_score:
             if stale >= settings.patience:
                 break
     return best
+
+
+class RunParams:
+    """One trial's IM weights held per run of consecutive exits of one width (exit_runs), as (n, D, K) weights and
+    (n, 1, K) biases, so that each product of a run is ONE batched matmul instead of one per exit; heads.im_weight
+    and im_bias become views of them (the model reads and copies them as before). With a dozen small exits the
+    per-call overhead, not the arithmetic, is what the runs save. On one CPU thread, for the demo cache's shapes
+    (Lite0's exit widths, its batch halves; tests/test_baselines.py), a batched product gives each exit's slice
+    bit for bit what one product per exit gives, so training takes the same steps as before; other shapes may
+    round differently (torch's batched product loops by hand on tiny matrices). Why not the transposed (n, K, D)
+    layout, whose products ran several times faster for the widest exit: its sums add in another order, and
+    L2W-DEN's discrete routing turns such last-bit differences into visibly different models (compare's
+    matched-cost table moved)."""
+
+    def __init__(self, heads: StackedHeads):
+        dims = heads.exit_dims
+        self.runs = exit_runs(dims)
+        self.weights = [torch.stack([heads.im_weight[l].detach()[:, 0] for l in range(lo, hi)])
+                        for lo, hi in self.runs]
+        self.biases = [torch.stack([heads.im_bias[l].detach() for l in range(lo, hi)]) for lo, hi in self.runs]
+        heads.im_weight = [w[l - lo].unsqueeze(1) for (lo, hi), w in zip(self.runs, self.weights)
+                           for l in range(lo, hi)]
+        heads.im_bias = [b[l - lo] for (lo, hi), b in zip(self.runs, self.biases) for l in range(lo, hi)]
+        self.n_trained = len(dims)
+        self.num_classes = heads.num_classes
+
+    def params(self) -> list[torch.Tensor]:
+        return self.weights + self.biases
+
+    def stack(self, feats) -> list[torch.Tensor]:
+        """Per-exit (B, D_l) features -> per run (n, B, D)."""
+        return [feats[lo][None] if hi - lo == 1 else torch.stack(feats[lo:hi]) for lo, hi in self.runs]
+
+    def logits(self, x: list[torch.Tensor], last, weights=None, biases=None) -> torch.Tensor:
+        """(B, L, K) logits of every exit (im_logits' layout) from run-stacked features x (the frozen last exit's
+        from `last`), with params() or the given (weights, biases)."""
+        weights, biases = weights or self.weights, biases or self.biases
+        b = x[0].shape[1]
+        z = torch.empty(self.n_trained + (last is not None), b, self.num_classes, device=x[0].device)
+        for (lo, hi), xr, w, bias in zip(self.runs, x, weights, biases):
+            torch.baddbmm(bias, xr, w, out=z[lo:hi])
+        if last is not None:
+            z[-1] = last
+        return z.transpose(0, 1).contiguous()
+
+    def grads(self, x: list[torch.Tensor], dz: torch.Tensor, exit_sums: bool = False) -> list[torch.Tensor]:
+        """Weight and bias gradients (params() order) of logit gradients dz (B, n_trained or more, K). The bias
+        gradient is a sum over the batch, added in the order the reference adds it: dz.sum(0) over all exits at
+        once (_weighted_ce_grads), or exit_sums=True one exit's slice at a time (autograd's addmm backward)."""
+        d = dz.transpose(0, 1)
+        gw = [torch.bmm(xr.transpose(1, 2), d[lo:hi]) for (lo, hi), xr in zip(self.runs, x)]
+        if exit_sums:
+            sums = [torch.stack([dz[:, l].sum(0) for l in range(lo, hi)]) for lo, hi in self.runs]
+        else:
+            total = dz[:, :self.n_trained].sum(0)
+            sums = [total[lo:hi] for lo, hi in self.runs]
+        return gw + [s[:, None] for s in sums]
+
+
+def exit_runs(dims) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of consecutive exits with the same feature width."""
+    runs, lo = [], 0
+    for l in range(1, len(dims) + 1):
+        if l == len(dims) or dims[l] != dims[lo]:
+            runs.append((lo, l))
+            lo = l
+    return runs
 
 
 # ---- BoostedNet --------------------------------------------------------------------------------------------------
@@ -186,19 +253,37 @@ def boosted_grads(heads: StackedHeads, feats, labels, last, gamma: float) -> lis
     return _weighted_ce_grads(feats, residual, torch.ones(residual.shape[:2], device=residual.device), n_boosted)
 
 
+class BoostedStep:
+    """train_boosted's mini-batch step: boosted_grads with the products batched per run of equal-width exits
+    (RunParams), then one Adam step (tests/test_baselines.py runs it beside boosted_grads)."""
+
+    def __init__(self, heads: StackedHeads, settings: TrainSettings, gamma: float):
+        self.ims, self.gamma = RunParams(heads), gamma
+        self.update = OneTrialAdam(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
+
+    @torch.no_grad()
+    def __call__(self, feats, labels, last):
+        x, n = self.ims.stack(feats), self.ims.n_trained
+        ens = boosted_ensemble(self.ims.logits(x, last), self.gamma, n)                   # (B, L, K)
+        # weights 1 / B as _weighted_ce_grads forms them (a division by B would round differently)
+        coef = _ce_residual(ens, labels)[:, :n] * (torch.ones(labels.shape[0], n, 1, device=labels.device)
+                                                   / labels.shape[0])
+        self.update.apply(self.ims.grads(x, coef))
+
+
 def train_boosted(data: TrainData, settings: TrainSettings, gamma: float) -> StackedHeads:
     """BoostedNet training: sum over trained exits s of CE(y, o_s + gamma * sg(F_{s-1})), gradients in closed
     form (boosted_grads)."""
     n_boosted = len(data.exit_dims) if data.trains_last else len(data.exit_dims) - 1
 
-    def step(heads, update, feats, labels, last):
-        update.apply(boosted_grads(heads, feats, labels, last, gamma))
+    def make_step(heads):
+        return BoostedStep(heads, settings, gamma)
 
     def v2_score(heads):
         ens = boosted_ensemble(split_logits(heads, data.v2), gamma, n_boosted)
         return exit_cross_entropy(ens, data.v2.labels).sum(-1).mean()
 
-    return _fit_ims(data, settings, step, v2_score)
+    return _fit_ims(data, settings, make_step, v2_score)
 
 
 # ---- L2W-DEN -----------------------------------------------------------------------------------------------------
@@ -262,7 +347,8 @@ def _weighted_ce_grads(feats, residual: torch.Tensor, weights: torch.Tensor, n_t
 
 
 def l2w_residual(heads: StackedHeads, feats, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
-    """One trial's (B, L, K) softmax - onehot of every exit and its (B, L) cross-entropy on a batch."""
+    """One trial's (B, L, K) softmax - onehot of every exit and its (B, L) cross-entropy on a batch (with
+    l2w_meta_gradient and _weighted_ce_grads, the reference step L2WStep is tested against)."""
     with torch.no_grad():
         logits = heads.im_logits(feats, last)[0]
         return _ce_residual(logits, labels), exit_cross_entropy(logits[None], labels)[0]
@@ -271,7 +357,8 @@ def l2w_residual(heads: StackedHeads, feats, labels, last) -> tuple[torch.Tensor
 def l2w_meta_gradient(heads: StackedHeads, wpn: nn.Module, feats, residual, ce, meta_rows, fractions,
                       bs: BaselineSettings) -> tuple[torch.Tensor, ...]:
     """The WPN's gradient of L2W-DEN's meta objective (train_l2w): the budget loss on meta_rows of the IMs after
-    one look-ahead SGD step on the weighted loss of the train half (feats, its residual and ce, l2w_residual)."""
+    one look-ahead SGD step on the weighted loss of the train half (feats, its residual and ce, l2w_residual).
+    The reference formulation (autograd through the look-ahead logits and the WPN); training runs L2WStep."""
     n_trained, params = len(heads.im_weight), list(wpn.parameters())
     weights = l2w_weights(wpn(ce), bs.l2w_epsilon)                                           # in the WPN's graph
     grads = _weighted_ce_grads(feats, residual, weights.detach(), n_trained)
@@ -287,6 +374,101 @@ def l2w_meta_gradient(heads: StackedHeads, wpn: nn.Module, feats, residual, ce, 
     return torch.autograd.grad(weights, params, grad_outputs=d_weights)
 
 
+class L2WStep:
+    """train_l2w's mini-batch step: per half-batch, the meta step of the WPN and the weighted step of the IMs, all
+    gradients in closed form and the IM products batched per run of equal-width exits (RunParams).
+
+    The same step, bit for bit on one CPU thread, as the reference functions above (l2w_residual,
+    l2w_meta_gradient through the budget loss and autograd, _weighted_ce_grads), which tests/test_baselines.py runs
+    side by side with this one. Bit for bit because L2W-DEN's routing is discrete: a last-bit difference moves a
+    meta sample to another exit now and then, and the trained models drift apart visibly. So the closed forms
+    below take autograd's own formulas and order: the budget loss's logit gradient g exp(z - logsumexp z) minus g
+    at the label, g = 1/count at the exit each meta sample is routed to (route_by_budget, fit_thresholds' routing
+    compiled); the WPN's backward through l2w_weights' mean, tanh, two linear layers and ReLU as their backward
+    functions compute it. No autograd graph is built per half-batch."""
+
+    def __init__(self, heads: StackedHeads, wpn: "WeightPredictionNet", settings: TrainSettings,
+                 bs: BaselineSettings, fractions: torch.Tensor):
+        self.heads, self.wpn, self.bs, self.fractions = heads, wpn, bs, fractions.cpu()
+        self.ims = RunParams(heads)
+        self.update = OneTrialAdam(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
+        self.wpn_params = [p.detach() for p in wpn.parameters()]
+        self.meta_update = OneTrialAdam(self.wpn_params, bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
+        self.targets = {}      # meta half size -> cumulative target counts of the routing
+        self.calls = 0
+
+    def __call__(self, feats, labels, last):
+        half = (labels.shape[0] + 1) // 2
+        x = self.ims.stack(feats)
+        rows = [(x, labels, last)]      # a one-sample tail batch cannot be halved: no meta step for it
+        if labels.shape[0] >= 2:
+            rows = [([xr[:, s] for xr in x], labels[s], None if last is None else last[s])
+                    for s in (slice(0, half), slice(half, None))]
+        for i, train_rows in enumerate(rows):
+            residual, ce = self.residual(*train_rows)
+            if len(rows) == 2 and self.calls % self.bs.l2w_meta_interval == 0:
+                # the other half is the held-out meta data
+                self.meta_update.apply(self.meta_gradient(train_rows[0], residual, ce, rows[1 - i]))
+            self.calls += 1
+            weights = l2w_weights(self._wpn(ce)[2], self.bs.l2w_epsilon)
+            self.update.apply(self.ims.grads(train_rows[0], self._coef(residual, weights)))
+
+    @torch.no_grad()
+    def residual(self, x, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
+        """l2w_residual: (B, L, K) softmax - onehot and (B, L) cross-entropy of every exit on a half-batch."""
+        z = self.ims.logits(x, last)
+        return _ce_residual(z, labels), exit_cross_entropy(z[None], labels)[0]
+
+    def _coef(self, residual, weights):
+        """_weighted_ce_grads' logit gradient weights_bl (softmax - onehot) / B, (B, n_trained, K)."""
+        n = self.ims.n_trained
+        return residual[:, :n] * (weights[:, :n, None] / residual.shape[0])
+
+    @torch.no_grad()
+    def _wpn(self, ce):
+        """The WPN's forward (nn.Linear's F.linear): (first pre-activation, hidden, raw output)."""
+        w1, b1, w2, b2 = self.wpn_params
+        h1 = torch.nn.functional.linear(ce, w1, b1)
+        hidden = torch.relu(h1)
+        return h1, hidden, torch.tanh(torch.nn.functional.linear(hidden, w2, b2))
+
+    @torch.no_grad()
+    def meta_gradient(self, x, residual, ce, meta_rows) -> list[torch.Tensor]:
+        """l2w_meta_gradient in closed form (train_l2w's docstring derives d meta / d w_bl)."""
+        bs, ims, n = self.bs, self.ims, self.ims.n_trained
+        h1, hidden, raw = self._wpn(ce)
+        weights = l2w_weights(raw, bs.l2w_epsilon)
+        grads = ims.grads(x, self._coef(residual, weights))
+        ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(ims.params(), grads)]
+        n_runs = len(ims.runs)
+        mx, my, mlast = meta_rows
+        z = ims.logits(mx, mlast, ahead[:n_runs], ahead[n_runs:])                         # (Bm, L, K)
+        b_meta, n_exits = z.shape[:2]
+        if b_meta not in self.targets:
+            self.targets[b_meta] = cumulative_targets(b_meta, self.fractions)
+        exit_index = torch.from_numpy(route_by_budget(max_softmax(z).cpu().numpy(), self.targets[b_meta]))
+        exit_index = exit_index.to(z.device)
+        # _budget_loss's backward: 1/count into each routed sample's CE, then logsumexp's and the label's parts
+        counts = torch.bincount(exit_index, minlength=n_exits).clamp_min(1)
+        rows = torch.arange(b_meta, device=z.device)
+        d_ce = torch.zeros(b_meta, n_exits, device=z.device)
+        d_ce[rows, exit_index] = (torch.ones(n_exits, device=z.device) / counts)[exit_index]
+        dz = d_ce[..., None] * (z - torch.logsumexp(z, -1)[..., None]).exp()
+        dz[rows, :, my] += -d_ce
+        g_ahead = ims.grads(mx, dz, exit_sums=True)
+        # d meta / d w_bl = -a/B <x_bl G_l + g_l, s_bl - y_b>
+        u = torch.cat([torch.bmm(xr, gw) + gb for xr, gw, gb in zip(x, g_ahead[:n_runs], g_ahead[n_runs:])])
+        d_weights = torch.zeros_like(weights)
+        d_weights[:, :n] = (u * residual[:, :n].transpose(0, 1)).sum(-1).T * (-bs.l2w_lookahead_lr
+                                                                              / residual.shape[0])
+        # back through l2w_weights (1 + eps (raw - mean raw)), tanh, the second layer, ReLU, the first layer
+        d_diff = d_weights * bs.l2w_epsilon
+        d_raw = d_diff + (-d_diff).sum() / d_diff.numel()
+        d_h2 = torch.ops.aten.tanh_backward(d_raw, raw)                   # autograd's own kernels
+        d_h1 = torch.ops.aten.threshold_backward(d_h2 @ self.wpn_params[2], hidden, 0)
+        return [d_h1.T @ ce, d_h1.sum(0), d_h2.T @ hidden, d_h2.sum(0)]
+
+
 def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) -> tuple[StackedHeads, nn.Module]:
     """L2W-DEN: every batch is halved; each half in turn trains the IMs with per-sample, per-exit loss weights from
     the WPN while the other half meta-trains the WPN: a look-ahead SGD step of the IMs under the predicted weights
@@ -294,35 +476,16 @@ def train_l2w(data: TrainData, settings: TrainSettings, bs: BaselineSettings) ->
 
     The meta-gradient is taken in closed form rather than by differentiating through autograd's gradient: for a
     linear IM, theta'_l = theta_l - a/B sum_b w_bl x_bl (s_bl - y_b)^T, so d meta / d w_bl = -a/B <x_bl G_l + g_l,
-    s_bl - y_b>, with (G_l, g_l) the meta loss's gradient in IM l's look-ahead weight and bias; autograd then
-    carries that into the WPN. The IM step uses the same closed-form gradient."""
+    s_bl - y_b>, with (G_l, g_l) the meta loss's gradient in IM l's look-ahead weight and bias; the WPN's backward
+    carries that into its parameters. The IM step uses the same closed-form gradient. L2WStep runs it."""
     n_exits = len(data.exit_dims)
     wpn = WeightPredictionNet(n_exits, bs.l2w_hidden, seed_streams(settings.seed)[2]).to(settings.device)
-    meta_update = OneTrialAdam(list(wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
     fractions = budget_fractions(bs.l2w_p, n_exits).to(settings.device)
-    calls = [0]
-
-    def step(heads, update, feats, labels, last):
-        half = (labels.shape[0] + 1) // 2
-        rows = [(feats, labels, last)]      # a one-sample tail batch cannot be halved: no meta step for it
-        if labels.shape[0] >= 2:
-            parts = [slice(0, half), slice(half, None)]
-            rows = [([f[s] for f in feats], labels[s], None if last is None else last[s]) for s in parts]
-        for i, train_rows in enumerate(rows):
-            residual, ce = l2w_residual(heads, *train_rows)
-            if len(rows) == 2 and calls[0] % bs.l2w_meta_interval == 0:
-                # the other half is the held-out meta data
-                meta_update.apply(l2w_meta_gradient(heads, wpn, train_rows[0], residual, ce, rows[1 - i], fractions,
-                                                    bs))
-            calls[0] += 1
-            with torch.no_grad():
-                weights = l2w_weights(wpn(ce), bs.l2w_epsilon)
-            update.apply(_weighted_ce_grads(train_rows[0], residual, weights, len(heads.im_weight)))
 
     def v2_score(heads):
         return exit_cross_entropy(split_logits(heads, data.v2), data.v2.labels).sum(-1).mean()
 
-    return _fit_ims(data, settings, step, v2_score), wpn
+    return _fit_ims(data, settings, lambda heads: L2WStep(heads, wpn, settings, bs, fractions), v2_score), wpn
 
 
 # ---- learned gates: fixed IMs and DiffBranch ---------------------------------------------------------------------
@@ -352,6 +515,52 @@ def diffbranch_loss(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> t
     return (p_g * exit_costs(exit_cross_entropy(logits, labels), lam, ic_norm)).sum(-1).mean(-1).sum()
 
 
+@torch.no_grad()
+def diffbranch_grads(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> list[torch.Tensor]:
+    """The gradient of diffbranch_loss in every IM and gate parameter (im_params() + gate_params() order), in
+    closed form on the CPU, bit for bit what autograd returns on one thread: the same forward, then the backward
+    formulas autograd runs, in its order. The expected loss's dP = C/B and dC = P/B (1/B as mean's backward forms
+    it); eqs. 7-8's clamp, minimum (ties split in halves), the mass left and its cumulative sum (reversed); the
+    sigmoid (aten's kernel) and the gates' linear layer; the statistics' derivative kernel (heads.gate_features,
+    the one autograd calls); the softmax (aten's kernel); every exit's CE as logsumexp's and the label's parts,
+    summed with the gates' part in the order autograd accumulates them. No graph per batch: autograd's bookkeeping
+    was the largest single cost of a DiffBranch step (tests/test_baselines.py checks the bits)."""
+    logits = heads.im_logits(feats, last)                              # (T, B, L, K)
+    n_trials, b, n_exits, k = logits.shape
+    probs = torch.softmax(logits[:, :, :-1, :], dim=-1)                # the gates' inputs
+    stats = torch.from_numpy(gate_features_numpy(probs.numpy()))       # (T, B, L-1, 4)
+    gate_w = heads.gate_weight.detach()[:, None]
+    g = torch.sigmoid((stats * gate_w).sum(-1) + heads.gate_bias.detach()[:, None])
+    g_full = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
+    room = 1.0 - torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
+    m = torch.minimum(g_full, room)
+    index = labels[None, :, None, None].expand(n_trials, b, n_exits, 1)
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(-1, index).squeeze(-1)
+    inv_b = torch.ones((), device=logits.device) / b
+    d_ce = inv_b * m.clamp_min(0.0)                                    # P(G=l|x) / B
+    d_m = torch.where(m >= 0, inv_b * exit_costs(ce, lam, ic_norm), 0.0)
+    d_m = torch.where(g_full == room, d_m / 2, d_m)
+    d_room = d_m.masked_fill(g_full < room, 0.0)
+    d_g = d_m.masked_fill(g_full > room, 0.0)[..., :-1] + (-d_room[..., 1:]).flip(-1).cumsum(-1).flip(-1)
+    d_a = torch.ops.aten.sigmoid_backward(d_g, g)
+    grad_gate_w = (d_a[..., None] * stats).sum(1)
+    grad_gate_b = d_a.sum(1)
+    d_stats = (d_a[..., None] * gate_w).contiguous()
+    d_probs = torch.empty_like(probs)
+    _features_grad_kernel(probs.numpy().reshape(-1, k), d_stats.numpy().reshape(-1, d_stats.shape[-1]),
+                          d_probs.numpy().reshape(-1, k))
+    d_logits = d_ce[..., None] * (logits - lse[..., None]).exp()
+    d_logits = d_logits + torch.zeros_like(logits).scatter_add_(-1, index, -d_ce[..., None])
+    d_logits[:, :, :-1] += torch.ops.aten._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+    grad_w, grad_b = [], []
+    for l, x in enumerate(feats[:len(heads.im_weight)]):
+        d = d_logits[:, :, l].permute(1, 0, 2).reshape(b, n_trials * k)
+        grad_w.append((x.T @ d).view(x.shape[1], n_trials, k))
+        grad_b.append(d.sum(0).view(n_trials, k))
+    return grad_w + grad_b + [grad_gate_w, grad_gate_b]
+
+
 def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainSettings) -> StackedHeads:
     """All lambdas stacked, IMs from the JEI-DNN warm-up, Adam on IMs and gates jointly for the bi-level epoch
     budget (max_epochs - warmup_epochs); each trial kept at its best V2 objective with JEI-DNN's stopping rule."""
@@ -376,8 +585,10 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[2])
     for epoch in range(settings.max_epochs - settings.warmup_epochs):
         for batch in data.train.epoch(settings.batch_size, gen, device, stacked=False):
-            loss = diffbranch_loss(heads, *batch, lam, ic_norm)
-            adam.step(torch.autograd.grad(loss, params), active)
+            if torch.device(device).type == "cpu":
+                adam.step(diffbranch_grads(heads, *batch, lam, ic_norm), active)
+            else:   # the statistics' derivative kernel is the CPU's: autograd through the torch statistics
+                adam.step(torch.autograd.grad(diffbranch_loss(heads, *batch, lam, ic_norm), params), active)
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
         improved = active & (objective < best_obj)
         best_obj = torch.where(improved, objective, best_obj)

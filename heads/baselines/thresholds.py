@@ -17,6 +17,7 @@ GPU inside L2W-DEN's meta step (heads/baselines/methods.py) and fits thresholds 
 """
 import math
 
+import numba
 import numpy as np
 import torch
 
@@ -73,6 +74,38 @@ def fit_thresholds(confidence: torch.Tensor, fractions: torch.Tensor) -> tuple[t
         in_flight &= ~leaving
         n_out += int(leaving.sum())
     return thresholds, exit_index
+
+
+def cumulative_targets(n: int, fractions: torch.Tensor) -> np.ndarray:
+    """fit_thresholds' cumulative target counts of n samples (L,) int64: round(n * cumsum(fractions)), once."""
+    return torch.round(n * torch.cumsum(torch.as_tensor(fractions, dtype=torch.float64), 0)).long().numpy()
+
+
+@numba.njit(cache=True)
+def route_by_budget(confidence, cum_target):
+    """fit_thresholds' exit_index for a small batch, in one compiled pass: confidence (N, L) float64 numpy,
+    cum_target from cumulative_targets. The same search: at exit k the threshold is the want-th largest confidence
+    among the samples in flight, and every sample in flight at or above it leaves (ties leave together). L2W-DEN
+    routes every meta half-batch this way, where fit_thresholds' dozen torch ops per exit cost more than the
+    routing itself (tests/test_baselines.py checks both agree, ties included)."""
+    n, n_exits = confidence.shape
+    exit_index = np.full(n, n_exits - 1, dtype=np.int64)
+    in_flight = np.ones(n, dtype=np.bool_)
+    vals = np.empty(n)
+    n_out = 0
+    for k in range(n_exits - 1):
+        want = cum_target[k] - n_out
+        if want <= 0:
+            continue
+        for i in range(n):
+            vals[i] = confidence[i, k] if in_flight[i] else -np.inf
+        thr = np.sort(vals)[n - want]
+        for i in range(n):
+            if in_flight[i] and confidence[i, k] >= thr:
+                exit_index[i] = k
+                in_flight[i] = False
+                n_out += 1
+    return exit_index
 
 
 def exit_by_thresholds(confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
