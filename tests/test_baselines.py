@@ -16,6 +16,7 @@ from heads.model.stack import StackedHeads
 from heads.baselines.thresholds import (
     DEFAULT_P_GRID, budget_fractions, exit_by_thresholds, fit_thresholds, max_softmax, threshold_sweep,
 )
+from heads.train.adam import StackedAdam
 from heads.train.kernels import exit_cross_entropy
 from heads.train.bilevel import TrainSettings, seed_streams, warmup
 from heads.train.data import SplitTensors, TrainData
@@ -384,7 +385,7 @@ def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
     bit as the reference step does: l2w_residual, l2w_meta_gradient (autograd through the WPN, fit_thresholds
     routing) and _weighted_ce_grads, one Adam step each, over batches of the sizes a 64-row epoch of the demo cache
     takes (its tail has 24 rows)."""
-    from heads.baselines.methods import (L2WStep, OneTrialAdam, _weighted_ce_grads, l2w_meta_gradient, l2w_residual)
+    from heads.baselines.methods import (L2WStep, _weighted_ce_grads, l2w_meta_gradient, l2w_residual)
     dims, k = [16, 24, 24, 40], 10
     bs = BaselineSettings(l2w_meta_lr=1e-2)          # a meta step large enough to move the weights visibly
     fractions = budget_fractions(bs.l2w_p, len(dims))
@@ -392,8 +393,8 @@ def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
     ref_wpn = WeightPredictionNet(len(dims), bs.l2w_hidden, seed=4)
     fast_heads = StackedHeads.init(dims, k, 1, not frozen_last, seed=3)
     fast_wpn = WeightPredictionNet(len(dims), bs.l2w_hidden, seed=4)
-    update = OneTrialAdam(ref_heads.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
-    meta_update = OneTrialAdam(list(ref_wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, "cpu")
+    update = StackedAdam.one_trial(ref_heads.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
+    meta_update = StackedAdam.one_trial(list(ref_wpn.parameters()), bs.l2w_meta_lr, bs.l2w_meta_weight_decay, "cpu")
     step = L2WStep(fast_heads, fast_wpn, SETTINGS, bs, fractions)
     wpn0 = [p.detach().clone() for p in ref_wpn.parameters()]
     for seed, n in enumerate((64, 48, 24, 64)):
@@ -404,11 +405,11 @@ def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
                 for s in (slice(0, half), slice(half, None))]
         for i, train_rows in enumerate(rows):
             residual, ce = l2w_residual(ref_heads, *train_rows)
-            meta_update.apply(l2w_meta_gradient(ref_heads, ref_wpn, train_rows[0], residual, ce, rows[1 - i],
+            meta_update.step(l2w_meta_gradient(ref_heads, ref_wpn, train_rows[0], residual, ce, rows[1 - i],
                                                 fractions, bs))
             with torch.no_grad():
                 weights = l2w_weights(ref_wpn(ce), bs.l2w_epsilon)
-            update.apply(_weighted_ce_grads(train_rows[0], residual, weights, len(ref_heads.im_weight)))
+            update.step(_weighted_ce_grads(train_rows[0], residual, weights, len(ref_heads.im_weight)))
     assert max(float((p.detach() - q).abs().max()) for p, q in zip(ref_wpn.parameters(), wpn0)) > 1e-3
     for got, want in zip(list(fast_wpn.parameters()), list(ref_wpn.parameters())):
         assert torch.equal(got.detach(), want.detach())
@@ -419,16 +420,16 @@ def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
 @pytest.mark.parametrize("frozen_last", [True, False])
 def test_boosted_step_equals_boosted_grads_with_adam(frozen_last, one_thread):
     """BoostedStep (batched products) moves the IMs bit for bit as boosted_grads + one Adam step does."""
-    from heads.baselines.methods import BoostedStep, OneTrialAdam, boosted_grads
+    from heads.baselines.methods import BoostedStep, boosted_grads
     ref = StackedHeads.init([16, 24, 24, 40], 10, 1, not frozen_last, seed=3)
     fast = StackedHeads.init([16, 24, 24, 40], 10, 1, not frozen_last, seed=3)
-    update = OneTrialAdam(ref.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
+    update = StackedAdam.one_trial(ref.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
     step = BoostedStep(fast, SETTINGS, 0.5)
     start = [p.clone() for p in ref.im_params()]
     for seed, n in enumerate((64, 48, 24, 64)):
         feats, labels, last = _wide_rows(n, frozen_last, seed)
         step(feats, labels, last)
-        update.apply(boosted_grads(ref, feats, labels, last, 0.5))
+        update.step(boosted_grads(ref, feats, labels, last, 0.5))
     assert max(float((p - q).abs().max()) for p, q in zip(ref.im_params(), start)) > 1e-2
     for got, want in zip(fast.im_params(), ref.im_params()):
         assert torch.equal(got, want)

@@ -55,7 +55,7 @@ from heads.model.gate_features import _features_grad_kernel, gate_features_numpy
 from heads.model.stack import StackedHeads
 from heads.train.adam import StackedAdam
 from heads.train.kernels import exit_cross_entropy
-from heads.train.bilevel import TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, train_stack, warmup
+from heads.train.bilevel import BestState, TrainSettings, WarmState, copy_trials, seed_streams, exited_metrics, train_stack, warmup
 from heads.train.data import Split, TrainData, split_outputs
 
 METHODS = ("threshold", "threshold-warmup", "boosted", "l2w", "fixed-ims", "diffbranch")
@@ -109,12 +109,8 @@ def _single_model(data: TrainData, settings: TrainSettings) -> StackedHeads:
 
 
 def _warm_ims(data: TrainData, warm: WarmState, settings: TrainSettings, epochs: int) -> StackedHeads:
-    heads = _single_model(data, settings)
-    weights, biases = warm.initial_ims(settings.lr, settings.weight_decay, epochs)
-    heads.im_weight = [w.to(settings.device) for w in weights]
-    heads.im_bias = [b.to(settings.device) for b in biases]
-    heads.epochs_trained[0] = min(epochs, warm.epochs)   # a converged warm-up stopped before
-    return heads
+    return warm.start_heads(data, [(settings.lr, settings.weight_decay, epochs)], seed_streams(settings.seed)[0],
+                            settings.device)
 
 
 @torch.no_grad()
@@ -123,39 +119,21 @@ def split_logits(heads: StackedHeads, split: Split) -> torch.Tensor:
     return split_outputs(heads, split, gates=False)[0]
 
 
-class OneTrialAdam:
-    """update.apply(grads): one step of the project's Adam (heads.train.bilevel.StackedAdam, as JEI-DNN) on params, one
-    trial."""
-
-    def __init__(self, params, lr: float, weight_decay: float, device):
-        self.params = list(params)
-        self.adam = StackedAdam(self.params, [0] * len(self.params), torch.tensor([lr], device=device),
-                                torch.tensor([weight_decay], device=device))
-        self.active = torch.ones(1, dtype=torch.bool, device=device)
-
-    def apply(self, grads):
-        self.adam.step(grads, self.active)
-
-
-
 def _fit_ims(data: TrainData, settings: TrainSettings, make_step: Callable, v2_score: Callable) -> StackedHeads:
     """Train one IM stack with step = make_step(heads), step(feats, labels, last) per mini-batch (it owns the
     optimiser); keep the state with the lowest v2_score(heads), stop after `patience` epochs without gain."""
     heads = _single_model(data, settings)
     step = make_step(heads)
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[1])
-    best, best_score, stale = heads.select(0), math.inf, 0
+    best, tracker = heads.select(0), BestState((1,))
     for epoch in range(settings.max_epochs):
         for batch in data.train.epoch(settings.batch_size, gen, settings.device, stacked=False):
             step(*batch)
-        score = float(v2_score(heads))
-        if score < best_score:
-            best, best_score, stale = heads.select(0), score, 0
+        if bool(tracker.update(torch.tensor([float(v2_score(heads))], dtype=torch.float64))):
+            best = heads.select(0)
             best.epochs_trained[0] = epoch + 1
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
+        elif int(tracker.stale[0]) >= settings.patience:
+            break
     return best
 
 
@@ -259,7 +237,7 @@ class BoostedStep:
 
     def __init__(self, heads: StackedHeads, settings: TrainSettings, gamma: float):
         self.ims, self.gamma = RunParams(heads), gamma
-        self.update = OneTrialAdam(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
+        self.update = StackedAdam.one_trial(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
 
     @torch.no_grad()
     def __call__(self, feats, labels, last):
@@ -268,7 +246,7 @@ class BoostedStep:
         # weights 1 / B as _weighted_ce_grads forms them (a division by B would round differently)
         coef = _ce_residual(ens, labels)[:, :n] * (torch.ones(labels.shape[0], n, 1, device=labels.device)
                                                    / labels.shape[0])
-        self.update.apply(self.ims.grads(x, coef))
+        self.update.step(self.ims.grads(x, coef))
 
 
 def train_boosted(data: TrainData, settings: TrainSettings, gamma: float) -> StackedHeads:
@@ -391,9 +369,10 @@ class L2WStep:
                  bs: BaselineSettings, fractions: torch.Tensor):
         self.heads, self.wpn, self.bs, self.fractions = heads, wpn, bs, fractions.cpu()
         self.ims = RunParams(heads)
-        self.update = OneTrialAdam(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
+        self.update = StackedAdam.one_trial(self.ims.params(), settings.lr, settings.weight_decay, settings.device)
         self.wpn_params = [p.detach() for p in wpn.parameters()]
-        self.meta_update = OneTrialAdam(self.wpn_params, bs.l2w_meta_lr, bs.l2w_meta_weight_decay, settings.device)
+        self.meta_update = StackedAdam.one_trial(self.wpn_params, bs.l2w_meta_lr, bs.l2w_meta_weight_decay,
+                                                 settings.device)
         self.targets = {}      # meta half size -> cumulative target counts of the routing
         self.calls = 0
 
@@ -408,10 +387,10 @@ class L2WStep:
             residual, ce = self.residual(*train_rows)
             if len(rows) == 2 and self.calls % self.bs.l2w_meta_interval == 0:
                 # the other half is the held-out meta data
-                self.meta_update.apply(self.meta_gradient(train_rows[0], residual, ce, rows[1 - i]))
+                self.meta_update.step(self.meta_gradient(train_rows[0], residual, ce, rows[1 - i]))
             self.calls += 1
             weights = l2w_weights(self._wpn(ce)[2], self.bs.l2w_epsilon)
-            self.update.apply(self.ims.grads(train_rows[0], self._coef(residual, weights)))
+            self.update.step(self.ims.grads(train_rows[0], self._coef(residual, weights)))
 
     @torch.no_grad()
     def residual(self, x, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
@@ -565,11 +544,9 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     """All lambdas stacked, IMs from the JEI-DNN warm-up, Adam on IMs and gates jointly for the bi-level epoch
     budget (max_epochs - warmup_epochs); each trial kept at its best V2 objective with JEI-DNN's stopping rule."""
     device, n_trials = settings.device, len(lambdas)
-    heads = StackedHeads.init(data.exit_dims, data.num_classes, n_trials, data.trains_last,
-                              seed_streams(settings.seed)[0], device)
-    weights, biases = warm.initial_ims(settings.lr, settings.weight_decay, settings.warmup_epochs)
-    heads.im_weight = [w.expand(-1, n_trials, -1).contiguous().to(device) for w in weights]
-    heads.im_bias = [b.expand(n_trials, -1).contiguous().to(device) for b in biases]
+    heads = warm.start_heads(data, [(settings.lr, settings.weight_decay, settings.warmup_epochs)] * n_trials,
+                             seed_streams(settings.seed)[0], device)
+    heads.epochs_trained[:] = 0                             # from here: the epochs of the kept state
     params = heads.im_params() + heads.gate_params()
     for p in params:
         p.requires_grad_(True)
@@ -578,9 +555,7 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     ic_norm = data.ic_norm.to(device)
     adam = StackedAdam(params, [1] * n_w + [0] * n_w + [0, 0], torch.full((n_trials,), settings.lr, device=device),
                        torch.full((n_trials,), settings.weight_decay, device=device))
-    best = heads.select(list(range(n_trials)))
-    best_obj = torch.full((n_trials,), math.inf, dtype=torch.float64, device=device)
-    stale = torch.zeros(n_trials, dtype=torch.int64, device=device)
+    best, tracker = heads.select(list(range(n_trials))), BestState((n_trials,), device=device)
     active = torch.ones(n_trials, dtype=torch.bool, device=device)
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[2])
     for epoch in range(settings.max_epochs - settings.warmup_epochs):
@@ -590,13 +565,11 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
             else:   # the statistics' derivative kernel is the CPU's: autograd through the torch statistics
                 adam.step(torch.autograd.grad(diffbranch_loss(heads, *batch, lam, ic_norm), params), active)
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
-        improved = active & (objective < best_obj)
-        best_obj = torch.where(improved, objective, best_obj)
+        improved = tracker.update(objective, where=active)
         changed = improved.nonzero().squeeze(1)
         copy_trials(best, heads, changed, changed)
         best.epochs_trained[improved.cpu()] = epoch + 1
-        stale = torch.where(improved, 0, stale + 1)
-        active &= stale < settings.patience
+        active &= tracker.stale < settings.patience
         if not bool(active.any()):
             break
     return best

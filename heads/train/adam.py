@@ -87,6 +87,14 @@ class StackedAdam:
         self.v = [torch.zeros_like(p) for p in self.params]
         self._set_hyper(lr, weight_decay)
 
+    @classmethod
+    def one_trial(cls, params, lr: float, weight_decay: float, device) -> "StackedAdam":
+        """Adam with one lr and weight decay on the parameters of one model (a trial axis of one: the per-trial
+        values broadcast over any shape)."""
+        params = list(params)
+        return cls(params, [0] * len(params), torch.tensor([lr], device=device),
+                   torch.tensor([weight_decay], device=device))
+
     def _set_hyper(self, lr: torch.Tensor, weight_decay: torch.Tensor) -> None:
         device = self.params[0].device
         self.lr, self.weight_decay = lr.to(device, torch.float32), weight_decay.to(device, torch.float32)
