@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from heads.baselines.methods import (
-    LAMBDA_METHODS, METHODS, BaselineSettings, WeightPredictionNet, boosted_ensemble, diffbranch_loss,
-    l2w_weights, run_baselines, split_logits, train_boosted, train_fixed_ims, train_l2w,
-)
+from heads.baselines.boosted import boosted_ensemble, train_boosted
+
+from heads.baselines.common import BaselineSettings, split_logits
+
+from heads.baselines.diffbranch import diffbranch_loss
+
+from heads.baselines.l2w import WeightPredictionNet, l2w_weights, train_l2w
+
+from heads.baselines.methods import LAMBDA_METHODS, METHODS, run_baselines, train_fixed_ims
 from heads.evaluation.evaluate import evaluate
 from heads.model.stack import StackedHeads
 from heads.baselines.thresholds import (
@@ -295,8 +300,8 @@ def test_shared_threshold_for_cost_moves_the_gates_own_rule_to_the_target():
 def test_l2w_closed_form_meta_gradient_equals_autograd_through_the_gradient(frozen_last):
     """The WPN gradient of the meta objective, closed form (l2w_meta_gradient), equals differentiating the
     look-ahead step's own autograd gradient (create_graph), L2W-DEN's usual implementation; likewise the IM step."""
-    from heads.baselines.methods import (_budget_loss, _weighted_ce_grads, _weighted_loss, l2w_meta_gradient,
-                                 l2w_residual)
+    from heads.baselines.common import weighted_ce_grads
+    from heads.baselines.l2w import _budget_loss, _weighted_loss, l2w_meta_gradient, l2w_residual
     data, _ = _data(frozen_last=frozen_last)
     bs = BaselineSettings()
     heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
@@ -319,14 +324,14 @@ def test_l2w_closed_form_meta_gradient_equals_autograd_through_the_gradient(froz
     assert max(float(w.abs().max()) for w in want) > 1e-4          # a gradient worth comparing
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
-    for g, w in zip(_weighted_ce_grads(train_rows[0], residual, weights.detach(), n_w), grads):
+    for g, w in zip(weighted_ce_grads(train_rows[0], residual, weights.detach(), n_w), grads):
         torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("frozen_last", [True, False])
 def test_boosted_closed_form_grads_equal_autograd(frozen_last):
     """boosted_grads = autograd of sum over trained exits of CE(y, o_s + gamma sg(F_{s-1})), batch mean."""
-    from heads.baselines.methods import boosted_grads
+    from heads.baselines.boosted import boosted_grads
     data, _ = _data(frozen_last=frozen_last)
     heads = StackedHeads.init(data.exit_dims, K, 1, data.trains_last, seed=3)
     feats, labels, last = data.train.rows(torch.arange(0, 30))
@@ -357,7 +362,7 @@ def test_route_by_budget_equals_fit_thresholds_routing_with_ties():
 
 def test_run_params_batched_products_equal_per_exit_products(one_thread):
     """RunParams' batched products give every exit's logits and gradients bit for bit as one product per exit."""
-    from heads.baselines.methods import RunParams, _weighted_ce_grads, exit_runs
+    from heads.baselines.common import RunParams, weighted_ce_grads, exit_runs
     assert exit_runs([16, 24, 24, 40, 40, 40, 24]) == [(0, 1), (1, 3), (3, 6), (6, 7)]
     dims = [16, 24, 24, 40, 40, 40, 192, 192, 1280]
     heads = StackedHeads.init(dims, 10, 1, True, seed=3)
@@ -370,7 +375,7 @@ def test_run_params_batched_products_equal_per_exit_products(one_thread):
     assert torch.equal(ims.logits(x, None), heads.im_logits(feats)[0])
     residual = torch.randn(32, len(dims), 10, generator=gen)
     weights = torch.rand(32, len(dims), generator=gen)
-    want = _weighted_ce_grads(feats, residual, weights, len(dims))
+    want = weighted_ce_grads(feats, residual, weights, len(dims))
     got = ims.grads(x, residual * (weights[..., None] / 32))
     per_exit = [g for run in got[:len(ims.runs)] for g in run] + [g for run in got[len(ims.runs):] for g in run]
     for g, w in zip(per_exit[:len(dims)], want[:len(dims)]):
@@ -383,9 +388,10 @@ def test_run_params_batched_products_equal_per_exit_products(one_thread):
 def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
     """L2WStep (closed-form WPN backward, batched products, compiled routing) moves the IMs and the WPN bit for
     bit as the reference step does: l2w_residual, l2w_meta_gradient (autograd through the WPN, fit_thresholds
-    routing) and _weighted_ce_grads, one Adam step each, over batches of the sizes a 64-row epoch of the demo cache
+    routing) and weighted_ce_grads, one Adam step each, over batches of the sizes a 64-row epoch of the demo cache
     takes (its tail has 24 rows)."""
-    from heads.baselines.methods import (L2WStep, _weighted_ce_grads, l2w_meta_gradient, l2w_residual)
+    from heads.baselines.common import weighted_ce_grads
+    from heads.baselines.l2w import L2WStep, l2w_meta_gradient, l2w_residual
     dims, k = [16, 24, 24, 40], 10
     bs = BaselineSettings(l2w_meta_lr=1e-2)          # a meta step large enough to move the weights visibly
     fractions = budget_fractions(bs.l2w_p, len(dims))
@@ -409,7 +415,7 @@ def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
                                                 fractions, bs))
             with torch.no_grad():
                 weights = l2w_weights(ref_wpn(ce), bs.l2w_epsilon)
-            update.step(_weighted_ce_grads(train_rows[0], residual, weights, len(ref_heads.im_weight)))
+            update.step(weighted_ce_grads(train_rows[0], residual, weights, len(ref_heads.im_weight)))
     assert max(float((p.detach() - q).abs().max()) for p, q in zip(ref_wpn.parameters(), wpn0)) > 1e-3
     for got, want in zip(list(fast_wpn.parameters()), list(ref_wpn.parameters())):
         assert torch.equal(got.detach(), want.detach())
@@ -420,7 +426,7 @@ def test_l2w_step_equals_the_reference_step(frozen_last, one_thread):
 @pytest.mark.parametrize("frozen_last", [True, False])
 def test_boosted_step_equals_boosted_grads_with_adam(frozen_last, one_thread):
     """BoostedStep (batched products) moves the IMs bit for bit as boosted_grads + one Adam step does."""
-    from heads.baselines.methods import BoostedStep, boosted_grads
+    from heads.baselines.boosted import BoostedStep, boosted_grads
     ref = StackedHeads.init([16, 24, 24, 40], 10, 1, not frozen_last, seed=3)
     fast = StackedHeads.init([16, 24, 24, 40], 10, 1, not frozen_last, seed=3)
     update = StackedAdam.one_trial(ref.im_params(), SETTINGS.lr, SETTINGS.weight_decay, "cpu")
@@ -439,7 +445,7 @@ def test_boosted_step_equals_boosted_grads_with_adam(frozen_last, one_thread):
 def test_diffbranch_closed_form_grads_equal_autograd(frozen_last, one_thread):
     """diffbranch_grads = autograd of diffbranch_loss (eq. 9 through the gate statistics) bit for bit in every IM
     and gate parameter, for a stack of lambdas, with gates both inside and past the mass clamp of eqs. 7-8."""
-    from heads.baselines.methods import diffbranch_grads
+    from heads.baselines.diffbranch import diffbranch_grads
     data, _ = _data(frozen_last=frozen_last)
     lam = torch.tensor([0.0, 0.3, 3.0])
     heads = StackedHeads.init(data.exit_dims, K, 3, data.trains_last, seed=3)

@@ -39,10 +39,9 @@ import numpy as np
 from tqdm import tqdm
 
 from heads.results import rundir
-from heads.baselines.methods import (
-    LAMBDA_METHODS, METHODS, BaselineSettings, MethodPoint, fixed_ims_is_jei, gated_points, run_baselines,
-    threshold_points,
-)
+from heads.baselines.common import BaselineSettings
+from heads.baselines.methods import (LAMBDA_METHODS, METHODS, MethodPoint, fixed_ims_is_jei, gated_points,
+                                     run_baselines, threshold_points)
 from heads.evaluation.evaluate import evaluate_many
 from heads.model.exits import exit_probabilities
 from heads.results.matched import MATCHED_COSTS, envelope_at
