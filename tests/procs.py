@@ -3,6 +3,7 @@ was importing the program, so a child starts in milliseconds and inherits no thr
 test process, after it trained on OpenMP threads, can hang in the child)."""
 import multiprocessing
 import os
+import sys
 import time
 
 from click.testing import CliRunner
@@ -25,7 +26,14 @@ def _exit_with(args):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     torch.set_num_threads(1)
-    os._exit(CliRunner().invoke(cli, [str(a) for a in args]).exit_code)
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exit_code:     # what the command said, for the test's captured stderr (the exit code alone is mute)
+        import traceback
+        sys.stderr.write(f"child {os.getpid()} exit {result.exit_code}: {result.output[-2000:]}\n")
+        if result.exc_info and not isinstance(result.exception, SystemExit):
+            traceback.print_exception(*result.exc_info, file=sys.stderr)
+        sys.stderr.flush()
+    os._exit(result.exit_code)
 
 
 def extraction(args, pause_per_chunk: float = 0.0):
