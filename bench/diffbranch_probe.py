@@ -4,7 +4,7 @@
     python bench/diffbranch_probe.py --cache cache/demo-lite0-fmnist64.zarr --form min --epochs 8
     python bench/diffbranch_probe.py --cache cache/demo-lite0-fmnist64.zarr --form product --epochs 8
 
-Trains heads.baselines.methods.train_diffbranch (paper recipe: 2 warm-up epochs, then joint descent on eq. 9) and
+Trains heads.baselines.diffbranch.train_diffbranch (paper recipe: 2 warm-up epochs, then joint descent on eq. 9) and
 prints, after every epoch and per lambda, V2 accuracy, normalised cost and the exit histogram. Under eqs. 7-8 the mass
 P(G=l) is clamped to 0 once the earlier gates have used it up; the gradient of eq. 9 then never reaches the later
 exits, and gates that start near 0.5 use it up within the first few exits. With the product form every exit keeps

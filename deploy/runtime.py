@@ -472,7 +472,7 @@ def trial_heads(run_dir, trial_id: int) -> StackedHeads:
 
 def v2_outputs(cache, heads: StackedHeads, threshold: float = 0.5) -> ExitOutputs:
     """The model's outputs on V2, the second half of the cache's val split in stored order (the split
-    heads.train.bilevel.make_train_data makes), with the exits the simulation takes at `threshold`."""
+    heads.train.data.make_train_data makes), with the exits the simulation takes at `threshold`."""
     val = cache.load_split("val")
     half = v1_v2_rows(len(val.labels))[1][0]
     feats = [f[half:].contiguous() for f in val.features]

@@ -72,7 +72,7 @@ def run(request, tree):
 
 
 def simulated(cache_path, heads, threshold):
-    """What stage two computes for the test split (heads.sweep.sweep.Session.outputs + exit_decision): the exits and
+    """What stage two computes for the test split (heads.sweep.session.Session.outputs + exit_decision): the exits and
     the exited logits, and the labels."""
     with open_cache(cache_path) as cache:
         test = cache.load_split("test")

@@ -1,6 +1,6 @@
 """The paper's baselines and ablations, trained from the same feature cache (and the same IMs) as JEI-DNN.
 
-    session = Session(cache, settings)                                   # heads/sweep/sweep.py: data, test, costs
+    session = Session(cache, settings)                                   # heads/sweep/session.py: data, test, costs
     points = run_baselines(session.data, session.test, ["threshold", "boosted", "l2w", "fixed-ims", "diffbranch"],
                            settings, lambdas=[0.01, 0.1, 1.0])
     for method, param, v2, test_out, extra in points:                     # MethodPoint named tuples

@@ -4,7 +4,7 @@
     python pipeline.py report RUN        # figures 2, 3, 5, 9 overlaid, matched_costs.csv
     result = run_compare("cache/x.zarr", CompareSettings(lambdas=(0.01, 0.1, 1.0)), TrainSettings(), "runs/cmp")
 
-What runs, in order, sharing one loaded cache (heads/sweep/sweep.py Session) and ONE warm-up:
+What runs, in order, sharing one loaded cache (heads/sweep/session.py Session) and ONE warm-up:
   warm-up   heads.train.bilevel.warmup for max_epochs epochs (snapshots after every epoch): JEI-DNN, fixed-ims and
             diffbranch start from its epoch-warmup_epochs snapshot, threshold-warmup gates exactly those IMs,
             "threshold" gates the IMs after all max_epochs epochs, and the single-exit reference rows are those
@@ -12,9 +12,9 @@ What runs, in order, sharing one loaded cache (heads/sweep/sweep.py Session) and
             epochs follow, so the JEI-DNN rows equal those of `sweep` with the same settings. With
             warmup_patience (the default recipe) the warm-up stops once the IMs converge, and every user of a
             later snapshot gets the last one: JEI-DNN and both threshold methods then gate the same IMs.
-  lambdas   `--lambdas auto` is resolved from that warm-up's IMs (heads/sweep/sweep.py resolve_lambdas) and used by
+  lambdas   `--lambdas auto` is resolved from that warm-up's IMs (heads/sweep/session.py resolve_lambdas) and used by
             jei, fixed-ims and diffbranch alike.
-  jei       the lambda sweep of heads/sweep/sweep.py (train_groups, reference_group, evaluate_group, Run.finish): one
+  jei       the lambda sweep of heads/sweep/ (train_groups, reference_group, evaluate_group, Run.finish): one
             stacked bi-level pass, rows "jei" (+ "jei-threshold" curves of the selected models) and "single-exit".
   baselines heads.baselines.methods.run_baselines, one method at a time (the learned-gate ones on the same lambdas),
             every operating point evaluated with heads.evaluation.evaluate.evaluate against the same per-exit costs.

@@ -160,7 +160,7 @@ def _nbytes(tensors) -> int:
 
 class StreamedSplit:
     """Rows [start, stop) of one split of a cache, read from the store when used (module doc). The same methods as
-    heads.train.bilevel.SplitTensors: len(), labels, exit_dims, has_logits, chunks() and epoch()."""
+    heads.train.data.SplitTensors: len(), labels, exit_dims, has_logits, chunks() and epoch()."""
 
     def __init__(self, cache, split: str, start: int, stop: int, has_logits: bool, order: ChunkShuffle | None,
                  device="cpu"):
