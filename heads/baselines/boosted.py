@@ -3,7 +3,7 @@ logits (their public code's reweighting); threshold gating on the ensemble logit
 """
 import torch
 
-from heads.baselines.common import ce_residual, fit_ims, weighted_ce_grads, RunParams, split_logits
+from heads.baselines.common import RunParams, ce_residual, fit_ims, split_logits, weighted_ce_coef, weighted_ce_grads
 from heads.model.stack import StackedHeads
 from heads.train.adam import StackedAdam
 from heads.train.bilevel import TrainSettings
@@ -49,9 +49,9 @@ class BoostedStep:
     def __call__(self, feats, labels, last):
         x, n = self.ims.stack(feats), self.ims.n_trained
         ens = boosted_ensemble(self.ims.logits(x, last), self.gamma, n)                   # (B, L, K)
-        # weights 1 / B as weighted_ce_grads forms them (a division by B would round differently)
-        coef = ce_residual(ens, labels)[:, :n] * (torch.ones(labels.shape[0], n, 1, device=labels.device)
-                                                   / labels.shape[0])
+        # weights 1, formed as boosted_grads forms them (a plain division by B would round differently)
+        ones = torch.ones(labels.shape[0], n, device=labels.device)
+        coef = weighted_ce_coef(ce_residual(ens, labels), ones, n)
         self.update.step(self.ims.grads(x, coef))
 
 

@@ -151,11 +151,18 @@ def ce_residual(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return residual
 
 
+def weighted_ce_coef(residual: torch.Tensor, weights: torch.Tensor, n_trained: int) -> torch.Tensor:
+    """The logit gradient weights_bl (softmax_bl - onehot_b) / B of the first n_trained exits, (B, n_trained, K),
+    from residual (B, L, K) softmax - onehot and weights (B, >= n_trained); the one formula (and rounding) the
+    reference and the batched steps share."""
+    return residual[:, :n_trained] * (weights[:, :n_trained, None] / residual.shape[0])
+
+
 @torch.no_grad()
 def weighted_ce_grads(feats, residual: torch.Tensor, weights: torch.Tensor, n_trained: int):
     """Gradient of _weighted_loss in the IM parameters, closed form for linear IMs: exit l's logit gradient of
     sample b is weights_bl (softmax_bl - onehot_b) / B. residual: (B, L, K) softmax - onehot; weights: (B, L).
     Returns [(D_l, 1, K) weight grads] + [(1, K) bias grads] for the n_trained IMs (heads.im_params() order)."""
-    coef = residual[:, :n_trained] * (weights[:, :n_trained, None] / residual.shape[0])       # (B, L', K)
+    coef = weighted_ce_coef(residual, weights, n_trained)                                     # (B, L', K)
     grad_w = [(x.T @ coef[:, l]).unsqueeze(1) for l, x in enumerate(feats[:n_trained])]
     return grad_w + [coef.sum(0)[l][None] for l in range(n_trained)]

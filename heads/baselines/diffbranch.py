@@ -4,9 +4,9 @@ gradient is in closed form on the CPU (diffbranch_grads, equal to autograd on di
 """
 import torch
 
-from heads.model.exits import exit_costs, exit_distribution
+from heads.model.exits import exit_costs, exit_distribution, exit_mass_terms
 from heads.model.gate_features import _features_grad_kernel, gate_features_numpy
-from heads.model.stack import StackedHeads
+from heads.model.stack import StackedHeads, gate_pre_activation
 from heads.train.adam import StackedAdam
 from heads.train.bilevel import BestState, copy_trials, exited_metrics, seed_streams, TrainSettings, WarmState
 from heads.train.data import TrainData
@@ -36,9 +36,8 @@ def diffbranch_grads(heads: StackedHeads, feats, labels, last, lam, ic_norm) -> 
     probs = torch.softmax(logits[:, :, :-1, :], dim=-1)                # the gates' inputs
     stats = torch.from_numpy(gate_features_numpy(probs.numpy()))       # (T, B, L-1, 4)
     gate_w = heads.gate_weight.detach()[:, None]
-    g = torch.sigmoid((stats * gate_w).sum(-1) + heads.gate_bias.detach()[:, None])
-    g_full = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
-    room = 1.0 - torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
+    g = torch.sigmoid(gate_pre_activation(stats, gate_w, heads.gate_bias.detach()[:, None]))
+    g_full, room = exit_mass_terms(g)
     m = torch.minimum(g_full, room)
     index = labels[None, :, None, None].expand(n_trials, b, n_exits, 1)
     lse = torch.logsumexp(logits, dim=-1)

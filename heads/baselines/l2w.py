@@ -8,7 +8,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from heads.baselines.common import ce_residual, fit_ims, weighted_ce_grads, BaselineSettings, RunParams, split_logits
+from heads.baselines.common import (BaselineSettings, RunParams, ce_residual, fit_ims, split_logits,
+                                   weighted_ce_coef, weighted_ce_grads)
 from heads.baselines.thresholds import (budget_fractions, cumulative_targets, fit_thresholds, max_softmax,
                                         route_by_budget)
 from heads.model.stack import StackedHeads
@@ -125,18 +126,14 @@ class L2WStep:
                 self.meta_update.step(self.meta_gradient(train_rows[0], residual, ce, rows[1 - i]))
             self.calls += 1
             weights = l2w_weights(self._wpn(ce)[2], self.bs.l2w_epsilon)
-            self.update.step(self.ims.grads(train_rows[0], self._coef(residual, weights)))
+            coef = weighted_ce_coef(residual, weights, self.ims.n_trained)
+            self.update.step(self.ims.grads(train_rows[0], coef))
 
     @torch.no_grad()
     def residual(self, x, labels, last) -> tuple[torch.Tensor, torch.Tensor]:
         """l2w_residual: (B, L, K) softmax - onehot and (B, L) cross-entropy of every exit on a half-batch."""
         z = self.ims.logits(x, last)
         return ce_residual(z, labels), exit_cross_entropy(z[None], labels)[0]
-
-    def _coef(self, residual, weights):
-        """weighted_ce_grads' logit gradient weights_bl (softmax - onehot) / B, (B, n_trained, K)."""
-        n = self.ims.n_trained
-        return residual[:, :n] * (weights[:, :n, None] / residual.shape[0])
 
     @torch.no_grad()
     def _wpn(self, ce):
@@ -152,7 +149,7 @@ class L2WStep:
         bs, ims, n = self.bs, self.ims, self.ims.n_trained
         h1, hidden, raw = self._wpn(ce)
         weights = l2w_weights(raw, bs.l2w_epsilon)
-        grads = ims.grads(x, self._coef(residual, weights))
+        grads = ims.grads(x, weighted_ce_coef(residual, weights, self.ims.n_trained))
         ahead = [p - bs.l2w_lookahead_lr * g for p, g in zip(ims.params(), grads)]
         n_runs = len(ims.runs)
         mx, my, mlast = meta_rows

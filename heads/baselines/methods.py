@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from heads.baselines.boosted import boosted_ensemble, train_boosted
-from heads.baselines.common import warm_ims, BaselineSettings, split_logits
+from heads.baselines.common import BaselineSettings, split_logits, warm_ims
 from heads.baselines.diffbranch import train_diffbranch
 from heads.baselines.l2w import train_l2w
 from heads.baselines.thresholds import budget_sweep, threshold_sweep

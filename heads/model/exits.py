@@ -26,10 +26,17 @@ def exit_distribution(g: torch.Tensor) -> torch.Tensor:
     """
     if g.dim() < 1 or g.shape[-1] < 1:
         raise ValueError(f"exit_distribution needs gate outputs of shape (..., L-1) with L >= 2, got {tuple(g.shape)}")
+    g_full, room = exit_mass_terms(g)
+    return torch.minimum(g_full, room).clamp_min(0.0)
+
+
+def exit_mass_terms(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sides of eqs. 7-8's minimum, P(G=1) = g^1, P(G=l) = min(g^l, 1 - sum_{j<l} g^j): (g with g^L = 1
+    appended, the mass 1 - sum_{j<l} g^j still left at each exit), both (..., L). exit_distribution takes their
+    clamped minimum; DiffBranch's closed-form gradient needs them apart."""
     g_full = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
     mass_before = torch.cat([torch.zeros_like(g[..., :1]), torch.cumsum(g, dim=-1)], dim=-1)
-    # eqs. 7-8: P(G=1) = g^1, P(G=l) = min(g^l, 1 - sum_{j<l} g^j)
-    return torch.minimum(g_full, 1.0 - mass_before).clamp_min(0.0)
+    return g_full, 1.0 - mass_before
 
 
 def classifier_weights(g: torch.Tensor, im_loss: str = "weighted") -> torch.Tensor:

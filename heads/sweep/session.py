@@ -116,12 +116,12 @@ def train_groups(session: Session, trials: list[dict], grid: tuple, settings: Tr
         budget = max(pass_settings.max_epochs - t.get("warmup_epochs", pass_settings.warmup_epochs) for t in members)
         bar = EpochBar("bilevel", budget, [t["lam"] for t in members], session.progress)
         identity = [_history_identity(str(number), t, pass_settings) for t in members]
-        history, kept = warmup_history(warm, identity), [math.inf] * len(members)
+        history = warmup_history(warm, identity)
         budgets = [pass_settings.max_epochs - t["warmup_epochs"] for t in identity]
 
-        def progress(report: EpochReport, bar=bar, identity=identity, history=history, kept=kept, budgets=budgets):
+        def progress(report: EpochReport, bar=bar, identity=identity, history=history, budgets=budgets):
             bar(report)
-            history.extend(bilevel_history(report, identity, kept, budgets))
+            history.extend(bilevel_history(report, identity, budgets))
         start = time.perf_counter()
         heads = train_stack(session.data, warm, [_trial_args(t) for t in members], pass_settings, progress)
         bar.close()
@@ -154,20 +154,18 @@ def warmup_history(warm, identity: list[dict]) -> list[dict]:
     return rows
 
 
-def bilevel_history(report: EpochReport, identity: list[dict], kept: list[float], budgets: list[int]) -> list[dict]:
-    """One row per trial that trained in this bi-level epoch (its current and kept V2 values); kept: each trial's
-    best objective before this epoch, updated (heads.train.train_stack keeps a state whose objective is lower);
-    budgets: each trial's bi-level epochs at most."""
+def bilevel_history(report: EpochReport, identity: list[dict], budgets: list[int]) -> list[dict]:
+    """One row per trial that trained in this bi-level epoch (its current and kept V2 values, whether train_stack
+    kept this epoch's state); budgets: each trial's bi-level epochs at most."""
     rows = []
     for i, ident in enumerate(identity):
         if math.isnan(report.epoch_objective[i]):
             continue
-        improved, kept[i] = report.epoch_objective[i] < kept[i], report.objective[i]
         rows.append({**ident, "phase": "bilevel", "epoch": report.epoch, "accuracy": report.epoch_accuracy[i],
                      "cost": report.epoch_cost[i], "objective": report.epoch_objective[i],
                      "best_accuracy": report.accuracy[i], "best_cost": report.cost[i],
                      "best_objective": report.objective[i],
-                     "improved": improved, "active": report.active[i] and report.epoch < budgets[i],
+                     "improved": report.improved[i], "active": report.active[i] and report.epoch < budgets[i],
                      "im_accuracy": None})
     return rows
 

@@ -179,7 +179,8 @@ class EpochReport:
     """What the progress hook sees after every epoch. Warm-up: accuracy = best V2 accuracy of each IM (best over
     the (lr, weight_decay) pairs), the other lists empty. Bi-level: per trial, V2 accuracy, normalised cost and
     objective (the early-stopping value) of its kept (best) state, whether it is still training, and the V2
-    accuracy, cost and objective of this epoch's state (NaN for trials that did not train this epoch)."""
+    accuracy, cost and objective of this epoch's state (NaN for trials that did not train this epoch), and whether
+    this epoch's state became the kept one."""
     phase: str                # "warmup" | "bilevel"
     epoch: int                # 1-based within the phase
     epochs: int               # epochs of the phase at most
@@ -190,6 +191,7 @@ class EpochReport:
     epoch_accuracy: list[float] = field(default_factory=list)
     epoch_cost: list[float] = field(default_factory=list)
     epoch_objective: list[float] = field(default_factory=list)
+    improved: list[bool] = field(default_factory=list)
 
 
 Progress = Callable[[EpochReport], None]
@@ -411,7 +413,7 @@ def train_stack(data: TrainData, warm: WarmState, trials: list[dict], settings: 
                 values[stack] = v2[k].to(values)
             progress(EpochReport("bilevel", epoch + 1, n_epochs, best_acc.tolist(), best_cost.tolist(),
                                  active.tolist(), tracker.best.tolist(), now["accuracy"].tolist(),
-                                 now["cost"].tolist(), now["objective"].tolist()))
+                                 now["cost"].tolist(), now["objective"].tolist(), improved.tolist()))
     return best
 
 
