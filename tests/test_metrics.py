@@ -235,3 +235,51 @@ def test_fit_temperature_stops_once_newton_has_converged(monkeypatch):
     monkeypatch.setattr(metrics, "_nll_derivatives", linear)
     t = fit_temperature(np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
     assert t == 1.0 / 0.75 and len(calls) <= 4, (t, calls)
+
+
+def test_softmax_gives_the_plain_formulas_bits():
+    """The in-place softmax computes exactly (logits / T - max) -> exp -> / sum, the formula written out."""
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(50, 4, 12)) * 6).astype(np.float32)
+    kept = logits.copy()
+    for t in (1.0, 0.37, 2.5):
+        z = logits / t
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        want = e / e.sum(axis=-1, keepdims=True)
+        got = softmax(logits, t)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert softmax(np.array([[0, 1]])).dtype == np.float64          # integer logits: float64 as before
+    assert np.array_equal(logits, kept)                               # in place on its own array, not the input
+
+
+def test_parallel_kernels_equal_the_serial_ones_bit_for_bit():
+    """Temperature's derivatives and the conformal set sizes run on the thread pool for large splits; the rows are
+    added in the serial order, so the fitted temperature and every count are the same whatever the thread count."""
+    import torch
+
+    import heads.evaluation.metrics as metrics
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(3000, 40)) * 3.0
+    z -= z.max(axis=1, keepdims=True)
+    zy = z[np.arange(3000), rng.integers(0, 40, 3000)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for beta in (0.2, 1.0, 3.1):
+            assert metrics._nll_parallel(z, zy, beta) == metrics._nll_serial(z, zy, beta)
+        scores = np.sort(rng.random((3000, 40)), axis=1)
+        scores[::7, -3:] = np.nan                                   # NaN scores sort last, as np.sort puts them
+        thresholds = rng.random((31, 5))
+        thresholds[0, 2], thresholds[4] = np.nan, thresholds[3]     # a NaN threshold and tied rows
+        exit_index = rng.integers(0, 5, 3000)
+        order = np.argsort(thresholds.T, axis=1, kind="stable")
+        ascending = np.ascontiguousarray(np.take_along_axis(thresholds.T, order, axis=1))
+        serial, parallel = np.empty((31, 3000), np.int64), np.empty((31, 3000), np.int64)
+        metrics._count_serial(scores, ascending, order, exit_index, serial)
+        metrics._count_parallel(scores, ascending, order, exit_index, parallel)
+        assert np.array_equal(serial, parallel)
+        want = np.stack([[np.searchsorted(scores[i], thresholds[a, exit_index[i]], side="right")
+                          for i in range(3000)] for a in range(31)])
+        assert np.array_equal(serial, want)
+    finally:
+        torch.set_num_threads(before)

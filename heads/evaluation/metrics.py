@@ -34,19 +34,33 @@ import math
 import numba
 import numpy as np
 
+from heads import cpu
+
 CONFORMAL_METHODS = ("general", "ims", "strict", "gated")
 GATED_MIN_SAMPLES = 20            # appendix 9.3: below this many V^l samples Gated falls back to General
 TEMPERATURE_BOUNDS = (0.01, 100.0)
 BOOTSTRAP_RESAMPLES = 10_000
 _QUANTILE_EPS = 1e-9              # so that (n+1)(1-alpha) = 19.000000000000004 still rounds up to 19
+# elements (rows x classes) from which a kernel runs on the thread pool: about a millisecond of serial work, so a
+# launch that waits a scheduler tick on a busy machine (heads/cpu.py) costs at most as much as it can save
+PARALLEL_ELEMENTS = 1 << 18
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Numerically stable softmax over the last axis of logits / temperature (float32 in, float32 out)."""
-    z = np.asarray(logits) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    """Numerically stable softmax over the last axis of logits / temperature (float32 in, float32 out).
+
+    One new array, the rest in place: the (N, L, K) softmax of a split is evaluation's largest numpy pass, and its
+    temporaries cost more than its arithmetic. The same operations in the same order as the plain formula, so the
+    same bits (dividing by a temperature of 1.0 is exact, hence skipped)."""
+    z = np.asarray(logits)
+    if not np.issubdtype(z.dtype, np.floating):
+        z = z.astype(np.float64)
+    if temperature != 1.0:
+        z = z / temperature
+    e = np.subtract(z, z.max(axis=-1, keepdims=True))
+    np.exp(e, out=e)
+    np.divide(e, e.sum(axis=-1, keepdims=True), out=e)
+    return e
 
 
 # ---------------------------------------------------------------- calibration (eq. 19, temperature scaling)
@@ -77,23 +91,52 @@ def expected_calibration_error(confidence, correct, n_bins: int = 15) -> float:
     return float(_ece_sorted(conf[order], corr[order], n_bins))
 
 
+@numba.njit(inline="always")
+def _nll_row(z, zy, beta, i):
+    """Row i's terms of _nll_derivatives: (d/d beta, d2/d beta2) of logsumexp(beta z_i) - beta z_iy."""
+    s, sz, szz = 0.0, 0.0, 0.0
+    for j in range(z.shape[1]):
+        e = np.exp(beta * z[i, j])
+        s += e
+        sz += e * z[i, j]
+        szz += e * z[i, j] * z[i, j]
+    ez = sz / s
+    return ez - zy[i], max(szz / s - ez * ez, 0.0)
+
+
 @numba.njit(cache=True)
-def _nll_derivatives(z, zy, beta):
-    """First and second derivative in beta of mean_i [logsumexp(beta z_i) - beta z_iy], for rows z_i whose largest
-    entry is 0 (so exp(beta z) never overflows): one pass per row, no temporaries (a fit calls it ~20 times)."""
-    n, k = z.shape
+def _nll_serial(z, zy, beta):
+    n = z.shape[0]
     grad, hess = 0.0, 0.0
     for i in range(n):
-        s, sz, szz = 0.0, 0.0, 0.0
-        for j in range(k):
-            e = np.exp(beta * z[i, j])
-            s += e
-            sz += e * z[i, j]
-            szz += e * z[i, j] * z[i, j]
-        ez = sz / s
-        grad += ez - zy[i]
-        hess += max(szz / s - ez * ez, 0.0)
+        g, h = _nll_row(z, zy, beta, i)
+        grad += g
+        hess += h
     return grad / n, hess / n
+
+
+@numba.njit(parallel=True, cache=True)
+def _nll_parallel(z, zy, beta):
+    # the rows' terms in parallel (the exponentials are the work), summed in row order as _nll_serial sums them
+    n = z.shape[0]
+    terms = np.empty((n, 2))
+    for i in numba.prange(n):
+        terms[i, 0], terms[i, 1] = _nll_row(z, zy, beta, i)
+    grad, hess = 0.0, 0.0
+    for i in range(n):
+        grad += terms[i, 0]
+        hess += terms[i, 1]
+    return grad / n, hess / n
+
+
+def _nll_derivatives(z, zy, beta):
+    """First and second derivative in beta of mean_i [logsumexp(beta z_i) - beta z_iy], for rows z_i whose largest
+    entry is 0 (so exp(beta z) never overflows): one pass per row, no temporaries (a fit calls it ~20 times). Large
+    inputs compute the rows on the shared thread pool and add them in the serial order: the same bits either way."""
+    if z.size >= PARALLEL_ELEMENTS:
+        cpu.match_torch_threads()
+        return _nll_parallel(z, zy, beta)
+    return _nll_serial(z, zy, beta)
 
 
 def fit_temperature(logits, labels, max_iter: int = 100) -> float:
@@ -193,14 +236,46 @@ def conformal_thresholds(method: str, true_probs, exit_index, alphas) -> np.ndar
     return np.where(counts[None, :] < GATED_MIN_SAMPLES, general, thr)
 
 
-@numba.njit(cache=True)  # serial: A*N binary searches take milliseconds, thread start-up would dominate
-def _count_at_most(sorted_scores, thr):
-    n_alpha, n = thr.shape
-    out = np.empty((n_alpha, n), dtype=np.int64)
-    for i in range(n):
-        row = sorted_scores[i]
-        for a in range(n_alpha):
-            out[a, i] = np.searchsorted(row, thr[a, i], side="right")
+@numba.njit(inline="always")
+def _count_row(sorted_scores, ascending, order, exit_index, out, i):
+    """Set sizes of sample i at every alpha: one walk up its sorted scores against its exit's thresholds in
+    ascending order (counts as searchsorted(side="right") gives them; a NaN threshold, sorted last, counts all)."""
+    row, l = sorted_scores[i], exit_index[i]
+    j, k = 0, row.shape[0]
+    for a in range(ascending.shape[1]):
+        t = ascending[l, a]
+        if np.isnan(t):
+            j = k
+        while j < k and row[j] <= t:
+            j += 1
+        out[order[l, a], i] = j
+
+
+@numba.njit(cache=True)
+def _count_serial(sorted_scores, ascending, order, exit_index, out):
+    for i in range(sorted_scores.shape[0]):
+        _count_row(sorted_scores, ascending, order, exit_index, out, i)
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_parallel(sorted_scores, ascending, order, exit_index, out):
+    for i in numba.prange(sorted_scores.shape[0]):
+        _count_row(sorted_scores, ascending, order, exit_index, out, i)
+
+
+def _count_at_most(sorted_scores, thresholds, exit_index):
+    """(A, N) counts of sample i's sorted scores (N, K) <= thresholds[a, exit_index[i]] (thresholds (A, L)): one
+    merge of each row with its exit's sorted thresholds, on the shared thread pool when there are enough rows to pay
+    for a launch (counts: the same either way)."""
+    order = np.argsort(thresholds.T, axis=1, kind="stable")               # (L, A)
+    ascending = np.ascontiguousarray(np.take_along_axis(thresholds.T, order, axis=1))
+    out = np.empty((thresholds.shape[0], sorted_scores.shape[0]), dtype=np.int64)
+    args = (sorted_scores, ascending, order, exit_index, out)
+    if sorted_scores.size >= PARALLEL_ELEMENTS:
+        cpu.match_torch_threads()
+        _count_parallel(*args)
+    else:
+        _count_serial(*args)
     return out
 
 
@@ -210,10 +285,10 @@ def conformal_coverage(probs_exited, labels, exit_index, thresholds) -> tuple[np
     p = np.asarray(probs_exited)
     y = np.asarray(labels).astype(np.int64)
     ex = np.asarray(exit_index).astype(np.int64)
-    thr = np.atleast_2d(np.asarray(thresholds, dtype=np.float64))[:, ex]  # (A, N): each sample's own tau
+    thresholds = np.atleast_2d(np.asarray(thresholds, dtype=np.float64))
     s = _scores(p)
-    covered = s[np.arange(y.size), y][None, :] <= thr
-    sizes = _count_at_most(np.sort(s, axis=1), np.ascontiguousarray(thr))
+    covered = s[np.arange(y.size), y][None, :] <= thresholds[:, ex]   # (A, N): each sample against its own tau
+    sizes = _count_at_most(np.sort(s, axis=1), thresholds, ex)
     return covered.mean(axis=1), sizes.mean(axis=1)
 
 
