@@ -397,11 +397,14 @@ def _matched(rows, run, split):
 @click.option("--lambdas", default="auto", show_default=True, callback=_parsed("parse_lambda_spec", "--lambdas"),
               help="JEI-DNN's sweep and the lambdas of fixed-ims / diffbranch: auto, auto:N, A:B, A:B:N, a,b,c, or "
                    "one value.")
+@click.option("--one-process", is_flag=True,
+              help="Train every method in this process (default: on a CPU with 2 or more threads, boosted and l2w "
+                   "train in a second process on one of them while the rest run here).")
 @_options(RUN_OPTIONS)
 @THRESHOLD_OPTION
 @_options(MEMORY_OPTIONS)
 @_options(TRAIN_OPTIONS)
-def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, thresholds, **kwargs):
+def compare_cmd(methods, lambdas, one_process, cache_path, out, overwrite, progress, thresholds, **kwargs):
     """JEI-DNN and the paper's baselines/ablations from one cache, one shared warm-up, one results.parquet."""
     _one_process("compare")
     board = kwargs.pop("tensorboard")
@@ -414,7 +417,7 @@ def compare_cmd(methods, lambdas, cache_path, out, overwrite, progress, threshol
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
-                                      progress=progress, memory=memory))
+                                      progress=progress, memory=memory, parallel=False if one_process else None))
     _summarise(result, board)
     _matched(result.rows, result.path, "test")
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 
 import click
 import numpy as np
@@ -209,6 +210,45 @@ def test_rerun_reuses_finished_methods_and_trains_only_new_ones(cache, tmp_path,
     trained[:] = []
     run_compare(cache, job, SETTINGS, tmp_path / "r", overwrite=True, progress=False)
     assert trained == ["threshold", "fixed-ims"]          # --overwrite retrains
+
+
+def test_a_second_process_trains_boosted_and_l2w_with_the_one_process_numbers(cache, tmp_path, monkeypatch, caplog):
+    """With 2 threads on a CPU, boosted and l2w train in a second process (one thread each, for the whole run):
+    every row equals the one-process run's on one thread, and this process trained the others only."""
+    job = CompareSettings(LAMBDAS, COMPARE_METHODS, ())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_compare(cache, job, SETTINGS, tmp_path / "one", progress=False, parallel=False)
+        torch.set_num_threads(2)
+        trained = trained_methods(monkeypatch)
+        caplog.set_level(logging.INFO, logger="heads")
+        two = run_compare(cache, job, SETTINGS, tmp_path / "two", progress=False, parallel=None)
+        assert torch.get_num_threads() == 2                      # given back after the run
+    finally:
+        torch.set_num_threads(before)
+    assert any("boosted, l2w train in a second process" in r.getMessage() for r in caplog.records)
+    assert "boosted" not in trained and "l2w" not in trained and "threshold" in trained
+    assert numbers(two.rows) == numbers(one.rows)
+    timings = json.loads((tmp_path / "two" / "settings.json").read_text())["timings"]["baseline_seconds"]
+    assert set(timings) == set(METHODS)
+
+
+def test_second_process_returns_raises_dies_and_stops_as_told():
+    import time
+
+    from heads.sweep.apart import SecondProcess, SecondProcessError
+    assert SecondProcess(abs, -3, "abs").result() == 3
+    failing = SecondProcess(int, "x", "int")
+    with pytest.raises(ValueError, match="invalid literal"):       # the child's exception, raised here
+        failing.result()
+    dying = SecondProcess(os._exit, 3, "a test")
+    with pytest.raises(SecondProcessError, match="exit code 3"):
+        dying.result()
+    sleeping = SecondProcess(time.sleep, 60, "sleep")
+    start = time.perf_counter()
+    sleeping.stop()
+    assert time.perf_counter() - start < 10 and not sleeping._process.is_alive()
 
 
 def test_bad_requests_are_one_line_errors(cache, tmp_path):

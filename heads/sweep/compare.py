@@ -18,6 +18,12 @@ What runs, in order, sharing one loaded cache (heads/sweep/session.py Session) a
             stacked bi-level pass, rows "jei" (+ "jei-threshold" curves of the selected models) and "single-exit".
   baselines heads.baselines.methods.run_baselines, one method at a time (the learned-gate ones on the same lambdas),
             every operating point evaluated with heads.evaluation.evaluate.evaluate against the same per-exit costs.
+  apart     the baselines that need no warm-up (APART: boosted, l2w) train from the start in a second process
+            (heads/sweep/apart.py) when stage two runs on a CPU with 2 or more threads and the splits fit in memory
+            twice: that process gets one thread and its own copy of the splits, this one the other threads, for the
+            whole run (so the numbers do not depend on which finishes first). Their rows reach this process through
+            RUN/methods/<m>.parquet, as a rerun's do. run_compare(parallel=False) (CLI --one-process) keeps
+            everything in this process.
 Rows and columns: heads/results/rundir.py (method, p for threshold-gated rows, lam for learned-gate rows).
 
 Run directory and reruns: identical to `sweep` (settings.json with status and the requested `methods`, the JEI-DNN
@@ -33,9 +39,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from heads.results import rundir
@@ -45,6 +53,7 @@ from heads.baselines.methods import (LAMBDA_METHODS, METHODS, MethodPoint, fixed
 from heads.evaluation.evaluate import evaluate_many
 from heads.model.exits import exit_probabilities
 from heads.results.matched import MATCHED_COSTS, envelope_at
+from heads.sweep.apart import SecondProcess
 from heads.sweep.lambdas import (DEFAULT_THRESHOLDS, AutoLambdas, SweepSettings, expand_trials, lambda_identity,
                                  lambda_values)
 from heads.sweep.rows import evaluate_trials, select_per_lambda
@@ -56,6 +65,7 @@ from heads.train.bilevel import TrainSettings
 
 BUDGET_METHOD = "jei-budget"
 COMPARE_METHODS = ("jei", BUDGET_METHOD, *METHODS)
+APART = ("boosted", "l2w")        # baselines that need no warm-up: the second process's (module doc)
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +225,18 @@ def _jei_as_fixed_ims(session: Session, groups: list[dict], compare: CompareSett
 
 
 def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
-                   groups: list[dict], reuse: bool) -> list[dict]:
+                   groups: list[dict], reuse: bool, apart: "SecondProcess | None" = None) -> list[dict]:
     test = session.test
     rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
     methods = [m for m in compare.methods if m in METHODS]
     for method in tqdm(methods, desc="baselines", unit="method", leave=False, disable=not session.progress):
-        done = rundir.read_part(run.out, method, run.digest) if reuse else None
-        if done is not None:
+        if apart is not None and method in apart.job.methods:
+            seconds.update(apart.result())        # the second process's methods: wait, then read their rows
+            done = rundir.read_part(run.out, method, run.digest)
+            if done is None:
+                raise RuntimeError(f"the second process finished without writing {run.out / rundir.PARTS}/"
+                                   f"{method}.parquet; rerun with --one-process")
+        elif (done := rundir.read_part(run.out, method, run.digest) if reuse else None) is not None:
             log.info(f"re-using the finished {method} rows in {run.out / rundir.PARTS}")
         else:
             start = time.perf_counter()
@@ -241,32 +256,95 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
     return rows
 
 
-def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, out, overwrite: bool = False,
-                progress: bool = True, memory: MemorySettings = MemorySettings()) -> RunResult:
-    """Train, evaluate and record every requested method (module docstring); returns the run's rows."""
+@dataclass(frozen=True)
+class ApartJob:
+    """What the second process needs: it opens the cache itself and places the splits as this process does."""
+    cache_path: str
+    out: str
+    digest: str
+    methods: tuple[str, ...]
+    settings: TrainSettings
+    baselines: BaselineSettings
+    plan: MemoryPlan
+
+
+def train_apart(job: ApartJob) -> dict:
+    """The second process's work: each of job.methods trained, evaluated and written to RUN/methods/<m>.parquet as
+    soon as it is done, exactly as _baseline_rows does it in one process; returns {method: seconds}."""
     from cache.store import open_cache
 
-    with open_cache(cache_path) as cache:
-        plan = plan_memory(cache, memory)
-        run = CompareRun(out, cache, settings, compare, overwrite, plan)
-        session = Session(cache, settings, progress, plan)
-        saved = [t["lam"] for g in (run.saved or {}).get("groups", []) for t in g["trials"]]
-        if saved:                                                 # the lambdas those heads were trained for
-            run.lambdas = sorted(set(saved))
-        else:
-            if isinstance(compare.lambdas, AutoLambdas):
-                shared_warmup(session, settings)                  # first: the auto lambdas start from its IMs
-            run.lambdas = resolve_lambdas(session, settings, compare.lambdas, ())
-        compare = dataclasses.replace(compare, lambdas=tuple(run.lambdas))
-        run.write_status("training")
-        groups = _jei_groups(session, run, compare, settings)
-        baseline_rows = _baseline_rows(session, run, compare, settings, groups, not overwrite)
-        run.write_status("evaluating")
-        start = time.perf_counter()
-        rows = evaluate_trials(session, groups, compare.thresholds)
-        selected = select_per_lambda(rows)
-        if BUDGET_METHOD in compare.methods:
-            rows += point_rows(session, budget_points(session, groups, selected, compare.baselines.p_grid), settings)
-        run.timings["evaluate_seconds"] = time.perf_counter() - start
-        return run.finish(session, groups, rows + baseline_rows, selected, compare.thresholds,
-                          warn="jei" in compare.methods and len(compare.lambdas) > 1)
+    seconds = {}
+    with open_cache(job.cache_path) as cache:
+        session = Session(cache, job.settings, progress=False, plan=job.plan)
+        for method in job.methods:
+            start = time.perf_counter()
+            points = run_baselines(session.data, session.test, [method], job.settings, job.baselines)
+            rows = point_rows(session, points, job.settings)
+            seconds[method] = time.perf_counter() - start
+            rundir.write_part(Path(job.out), method, rows, job.digest)
+    return seconds
+
+
+def _start_apart(cache_path, run: CompareRun, compare: CompareSettings, settings: TrainSettings, plan: MemoryPlan,
+                 reuse: bool, parallel: bool | None) -> SecondProcess | None:
+    """The second process for the APART methods still to train, or None (module doc: when it is used)."""
+    methods = tuple(m for m in compare.methods if m in APART
+                    and not (reuse and rundir.read_part(run.out, m, run.digest) is not None))
+    if not methods or parallel is False:
+        return None
+    held = sum(b for split, b in plan.split_bytes.items() if plan.resident[split])
+    why_not = ("stage two runs on " + settings.device if torch.device(settings.device).type != "cpu" else
+               "one thread (--threads)" if torch.get_num_threads() < 2 else
+               "the splits do not fit in memory twice" if 2 * held > plan.budget_bytes else None)
+    if why_not is not None:
+        if parallel:
+            log.info(f"{', '.join(methods)} train in this process: {why_not}")
+        return None
+    log.info(f"{', '.join(methods)} train in a second process on one of the {torch.get_num_threads()} threads")
+    job = ApartJob(str(cache_path), str(run.out), run.digest, methods, settings, compare.baselines, plan)
+    return SecondProcess(train_apart, job, " and ".join(methods))
+
+
+def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, out, overwrite: bool = False,
+                progress: bool = True, memory: MemorySettings = MemorySettings(), parallel: bool | None = False
+                ) -> RunResult:
+    """Train, evaluate and record every requested method (module docstring); returns the run's rows. parallel:
+    None trains the APART methods in a second process when the machine allows it, False never (the default of
+    this function; the CLI asks for None), True says in the log why not when it cannot."""
+    from cache.store import open_cache
+
+    threads = torch.get_num_threads()
+    apart = None
+    try:
+        with open_cache(cache_path) as cache:
+            plan = plan_memory(cache, memory)
+            run = CompareRun(out, cache, settings, compare, overwrite, plan)
+            apart = _start_apart(cache_path, run, compare, settings, plan, not overwrite, parallel)
+            if apart is not None:
+                torch.set_num_threads(threads - 1)   # the second process has one; for the whole run (module doc)
+            session = Session(cache, settings, progress, plan)
+            saved = [t["lam"] for g in (run.saved or {}).get("groups", []) for t in g["trials"]]
+            if saved:                                                 # the lambdas those heads were trained for
+                run.lambdas = sorted(set(saved))
+            else:
+                if isinstance(compare.lambdas, AutoLambdas):
+                    shared_warmup(session, settings)                  # first: the auto lambdas start from its IMs
+                run.lambdas = resolve_lambdas(session, settings, compare.lambdas, ())
+            compare = dataclasses.replace(compare, lambdas=tuple(run.lambdas))
+            run.write_status("training")
+            groups = _jei_groups(session, run, compare, settings)
+            baseline_rows = _baseline_rows(session, run, compare, settings, groups, not overwrite, apart)
+            run.write_status("evaluating")
+            start = time.perf_counter()
+            rows = evaluate_trials(session, groups, compare.thresholds)
+            selected = select_per_lambda(rows)
+            if BUDGET_METHOD in compare.methods:
+                rows += point_rows(session, budget_points(session, groups, selected, compare.baselines.p_grid),
+                                   settings)
+            run.timings["evaluate_seconds"] = time.perf_counter() - start
+            return run.finish(session, groups, rows + baseline_rows, selected, compare.thresholds,
+                              warn="jei" in compare.methods and len(compare.lambdas) > 1)
+    finally:
+        if apart is not None:
+            apart.stop()
+            torch.set_num_threads(threads)
