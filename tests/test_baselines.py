@@ -441,11 +441,8 @@ def test_boosted_step_equals_boosted_grads_with_adam(frozen_last, one_thread):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("frozen_last", [True, False])
-def test_diffbranch_closed_form_grads_equal_autograd(frozen_last, one_thread):
-    """diffbranch_grads = autograd of diffbranch_loss (eq. 9 through the gate statistics) bit for bit in every IM
-    and gate parameter, for a stack of lambdas, with gates both inside and past the mass clamp of eqs. 7-8."""
-    from heads.baselines.diffbranch import diffbranch_grads
+def _diffbranch_case(frozen_last):
+    """A stack of three lambdas with random gates, some samples past the mass clamp of eqs. 7-8, and a batch."""
     data, _ = _data(frozen_last=frozen_last)
     lam = torch.tensor([0.0, 0.3, 3.0])
     heads = StackedHeads.init(data.exit_dims, K, 3, data.trains_last, seed=3)
@@ -454,6 +451,39 @@ def test_diffbranch_closed_form_grads_equal_autograd(frozen_last, one_thread):
     heads.gate_weight = torch.randn(heads.gate_weight.shape, generator=gen)
     heads.im_weight = [w + 0.3 * torch.randn(w.shape, generator=gen) for w in heads.im_weight]
     feats, labels, last = data.train.rows(torch.arange(0, 40))
+    return data, lam, heads, (feats, labels, last)
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_diffbranch_step_is_the_closed_form_up_to_rounding_on_any_thread_count(frozen_last):
+    """DiffBranchStep (what training runs on the CPU: one compiled pass per sample) = diffbranch_grads (autograd's
+    bits) up to float rounding in every IM and gate parameter, with gates inside and past the mass clamp; and
+    bit for bit the same on one thread and on two (each trial's samples are added in order)."""
+    from heads.baselines.diffbranch import DiffBranchStep, diffbranch_grads
+    data, lam, heads, (feats, labels, last) = _diffbranch_case(frozen_last)
+    want = diffbranch_grads(heads, feats, labels, last, lam, data.ic_norm)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(DiffBranchStep(heads, lam, data.ic_norm)(feats, labels, last))
+    finally:
+        torch.set_num_threads(before)
+    assert len(runs[0]) == len(want)
+    for one, two, w in zip(*runs, want):
+        assert one.shape == w.shape and one.dtype == w.dtype
+        torch.testing.assert_close(one, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
+    for one, two in zip(runs[0][-2:], runs[1][-2:]):
+        assert torch.equal(one, two)                       # the gates' sums: the same order on any thread count
+
+
+@pytest.mark.parametrize("frozen_last", [True, False])
+def test_diffbranch_closed_form_grads_equal_autograd(frozen_last, one_thread):
+    """diffbranch_grads = autograd of diffbranch_loss (eq. 9 through the gate statistics) bit for bit in every IM
+    and gate parameter, for a stack of lambdas, with gates both inside and past the mass clamp of eqs. 7-8."""
+    from heads.baselines.diffbranch import diffbranch_grads
+    data, lam, heads, (feats, labels, last) = _diffbranch_case(frozen_last)
     params = [p.clone().requires_grad_(True) for p in heads.im_params() + heads.gate_params()]
     n_w = len(heads.im_weight)
     live = dataclasses.replace(heads, im_weight=params[:n_w], im_bias=params[n_w:2 * n_w],

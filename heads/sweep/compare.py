@@ -227,10 +227,13 @@ def _jei_as_fixed_ims(session: Session, groups: list[dict], compare: CompareSett
 def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, settings: TrainSettings,
                    groups: list[dict], reuse: bool, apart: "SecondProcess | None" = None) -> list[dict]:
     test = session.test
-    rows, seconds = [], run.timings.setdefault("baseline_seconds", {})
+    by_method, seconds = {}, run.timings.setdefault("baseline_seconds", {})
     methods = [m for m in compare.methods if m in METHODS]
-    for method in tqdm(methods, desc="baselines", unit="method", leave=False, disable=not session.progress):
-        if apart is not None and method in apart.job.methods:
+    away = apart.job.methods if apart is not None else ()
+    # this process's own methods first, then the second process's: waiting for it comes last
+    for method in tqdm(sorted(methods, key=lambda m: m in away), desc="baselines", unit="method", leave=False,
+                       disable=not session.progress):
+        if method in away:
             seconds.update(apart.result())        # the second process's methods: wait, then read their rows
             done = rundir.read_part(run.out, method, run.digest)
             if done is None:
@@ -252,8 +255,8 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
             seconds[method] = time.perf_counter() - start
             rundir.write_part(run.out, method, done, run.digest)
             run.write_status("training")        # the timings so far
-        rows += done
-    return rows
+        by_method[method] = done
+    return [row for method in methods for row in by_method[method]]
 
 
 @dataclass(frozen=True)
