@@ -1,14 +1,15 @@
 """One piece of a run's work in a second process, on a core of its own, while this process goes on with the rest.
 
-    apart = SecondProcess(train_some, job)       # train_some(job) runs in a spawned process, on one torch thread
-    ...                                          # this process's own work
-    result = apart.result()                      # train_some's return value, or its exception raised here
-    apart.stop()                                 # always (a finally): ends the process if it still runs
+    apart = SecondProcess(train_some, job, "l2w")   # train_some(job) in a spawned process, on one torch thread
+    ...                                             # this process's own work
+    result = apart.result()                         # train_some's return value, or its exception raised here
+    apart.stop()                                    # always (a finally): ends the process if it still runs
 
 Why a process: the baselines' training steps are small products whose cost is mostly the per-call overhead of
 torch and Python, which one thread spends; a second torch thread in the same process barely helps them, and two
-Python threads in one process share one interpreter lock (bench/README.md has the measurements). Why spawn: a forked
-child inherits torch's and numba's thread pools in whatever state they were, which OpenMP does not support.
+Python threads in one process share one interpreter lock (bench/baselines_apart.py; bench/README.md has the
+figures). Why spawn: a forked child inherits torch's and numba's thread pools in whatever state they were, which
+OpenMP does not support.
 
 The child ignores Ctrl-C (the terminal sends it to both processes): this process stops it, so an interrupted run
 leaves what the child finished (written atomically by the child itself) and no half-trained orphan. On Linux the
