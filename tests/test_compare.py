@@ -234,6 +234,24 @@ def test_a_second_process_trains_boosted_and_l2w_with_the_one_process_numbers(ca
     assert set(timings) == set(METHODS)
 
 
+def test_no_second_process_when_the_splits_do_not_fit_twice(cache, tmp_path, monkeypatch, caplog):
+    """Resident splits that fit the memory budget once but not twice: boosted trains here, and the log says why."""
+    from heads.train.stream import MemorySettings, plan_memory
+    trained = trained_methods(monkeypatch)
+    caplog.set_level(logging.INFO, logger="heads")
+    with open_cache(cache) as c:
+        held = sum(plan_memory(c, MemorySettings("resident")).split_bytes.values())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_compare(cache, CompareSettings(LAMBDAS, ("boosted",), ()), SETTINGS, tmp_path / "r", progress=False,
+                    memory=MemorySettings("resident", 1.5 * held / 2 ** 30), parallel=None)
+    finally:
+        torch.set_num_threads(before)
+    assert trained == ["boosted"]
+    assert any("boosted train in this process: the resident splits" in r.getMessage() for r in caplog.records)
+
+
 def test_second_process_returns_raises_dies_and_stops_as_told():
     import time
 

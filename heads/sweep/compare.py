@@ -296,11 +296,13 @@ def _start_apart(cache_path, run: CompareRun, compare: CompareSettings, settings
     if not methods or parallel is False:
         return None
     held = sum(b for split, b in plan.split_bytes.items() if plan.resident[split])
+    too_big = 2 * held > plan.budget_bytes
     why_not = ("stage two runs on " + settings.device if torch.device(settings.device).type != "cpu" else
                "one thread (--threads)" if torch.get_num_threads() < 2 else
-               "the splits do not fit in memory twice" if 2 * held > plan.budget_bytes else None)
+               f"the resident splits ({held / 2 ** 30:.2f} GiB) do not fit twice in the memory budget "
+               f"({plan.budget_bytes / 2 ** 30:.2f} GiB, --memory-budget)" if too_big else None)
     if why_not is not None:
-        if parallel:
+        if parallel or too_big:
             log.info(f"{', '.join(methods)} train in this process: {why_not}")
         return None
     log.info(f"{', '.join(methods)} train in a second process on one of the {torch.get_num_threads()} threads")
