@@ -224,24 +224,28 @@ def train_diffbranch(data: TrainData, warm: WarmState, lambdas, settings: TrainS
     n_w = len(heads.im_weight)
     lam = torch.tensor([float(x) for x in lambdas], device=device)
     ic_norm = data.ic_norm.to(device)
+    # torch's fused Adam while every trial trains (the trials share lr and weight decay); per-tensor ops after
     adam = StackedAdam(params, [1] * n_w + [0] * n_w + [0, 0], torch.full((n_trials,), settings.lr, device=device),
-                       torch.full((n_trials,), settings.weight_decay, device=device))
+                       torch.full((n_trials,), settings.weight_decay, device=device), backend="fused")
     best, tracker = heads.select(list(range(n_trials))), BestState((n_trials,), device=device)
     active = torch.ones(n_trials, dtype=torch.bool, device=device)
+    all_active = True
     gen = torch.Generator().manual_seed(seed_streams(settings.seed)[2])
     step = DiffBranchStep(heads, lam, ic_norm) if torch.device(device).type == "cpu" else None
     for epoch in range(settings.max_epochs - settings.warmup_epochs):
         for batch in data.train.epoch(settings.batch_size, gen, device, stacked=False):
+            mask = None if all_active else active
             if step is not None:
-                adam.step(step(*batch), active)
+                adam.step(step(*batch), mask)
             else:   # the statistics' derivative kernel is the CPU's: autograd through the torch statistics
-                adam.step(torch.autograd.grad(diffbranch_loss(heads, *batch, lam, ic_norm), params), active)
+                adam.step(torch.autograd.grad(diffbranch_loss(heads, *batch, lam, ic_norm), params), mask)
         objective = exited_metrics(heads, data.v2, lam, ic_norm)["objective"]
         improved = tracker.update(objective, where=active)
         changed = improved.nonzero().squeeze(1)
         copy_trials(best, heads, changed, changed)
         best.epochs_trained[improved.cpu()] = epoch + 1
         active &= tracker.stale < settings.patience
+        all_active = bool(active.all())
         if not bool(active.any()):
             break
     return best
