@@ -79,8 +79,8 @@ def _logit_grads(logits, labels, lam_ic, gate_w, gate_b, d_logits, grad_gate_w, 
     (T, L-1) float64, accumulated. Trials in parallel, each trial's samples in order, so its gate sums do not
     depend on the thread count. float64 throughout, and log p taken from the log-softmax (z - max - log sum exp)
     rather than by a log of each probability: one exponential per logit is the whole transcendental cost. The
-    statistics and their derivatives are row_features' and row_features_grad's formulas (heads/model/
-    gate_features.py), with the same conventions (terms of p = 0 vanish; the max and the margin pass their
+    statistics and their derivatives are the formulas of heads/model/gate_features.py (row_features and
+    _features_grad_kernel), with the same conventions (terms of p = 0 vanish; the max and the margin pass their
     gradient to the first largest and the next largest entry)."""
     n_exits, b, n_trials, k = logits.shape
     inv_b = 1.0 / b
