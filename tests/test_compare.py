@@ -234,6 +234,38 @@ def test_a_second_process_trains_boosted_and_l2w_with_the_one_process_numbers(ca
     assert set(timings) == set(METHODS)
 
 
+def test_an_interrupt_stops_the_second_process_and_the_rerun_finishes_the_same(cache, tmp_path, monkeypatch):
+    """Ctrl-C while the second process trains: it is stopped (no orphan keeps training), torch's threads are
+    given back, and a rerun into the same run directory gives the uninterrupted run's rows."""
+    import heads.sweep.apart as apart_module
+    job = CompareSettings(LAMBDAS, COMPARE_METHODS, ())
+    started = []
+
+    class Recorded(apart_module.SecondProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+    monkeypatch.setattr(compare_module, "SecondProcess", Recorded)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = run_compare(cache, job, SETTINGS, tmp_path / "one", progress=False, parallel=False)
+        torch.set_num_threads(2)
+        with monkeypatch.context() as m:
+            m.setattr(compare_module, "_jei_groups", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, parallel=None)
+        assert len(started) == 1 and not started[0]._process.is_alive()
+        assert torch.get_num_threads() == 2
+        again = run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, parallel=None)
+    finally:
+        torch.set_num_threads(before)
+    assert numbers(again.rows) == numbers(want.rows)
+
+
 def test_no_second_process_when_the_splits_do_not_fit_twice(cache, tmp_path, monkeypatch, caplog):
     """Resident splits that fit the memory budget once but not twice: boosted trains here, and the log says why."""
     from heads.train.stream import MemorySettings, plan_memory
