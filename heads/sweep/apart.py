@@ -11,9 +11,10 @@ Python threads in one process share one interpreter lock (bench/baselines_apart.
 figures). Why spawn: a forked child inherits torch's and numba's thread pools in whatever state they were, which
 OpenMP does not support.
 
-The child ignores Ctrl-C (the terminal sends it to both processes): this process stops it, so an interrupted run
-leaves what the child finished (written atomically by the child itself) and no half-trained orphan. On Linux the
-child also ends when this process dies without stopping it (prctl PR_SET_PDEATHSIG).
+The child ignores Ctrl-C (the terminal sends it to both processes): this process stops it (SIGTERM, which the
+child turns into an exit that runs its cleanup, so a file it was writing atomically leaves no temporary), so an
+interrupted run leaves what the child finished and no half-trained orphan. On Linux the child also ends when this
+process dies without stopping it (prctl PR_SET_PDEATHSIG).
 """
 import ctypes
 import multiprocessing
@@ -26,8 +27,13 @@ class SecondProcessError(RuntimeError):
     """The second process ended without a result (killed, out of memory)."""
 
 
+def _stopped(signum, frame):
+    raise SystemExit(128 + signum)       # unwinds, so that a file being written atomically leaves no temporary
+
+
 def _child(target, job, conn):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stopped)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)       # PR_SET_PDEATHSIG = 1
@@ -43,8 +49,11 @@ def _child(target, job, conn):
             message = ("error", err)
         except Exception:                                           # noqa: BLE001
             message = ("error", RuntimeError(f"{type(err).__name__}: {err}"))
-    conn.send(message)
-    conn.close()
+    try:
+        conn.send(message)
+        conn.close()
+    except OSError:                      # the parent has stopped listening (it is stopping this process)
+        pass
 
 
 class SecondProcess:
