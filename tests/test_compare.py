@@ -288,7 +288,8 @@ def test_second_process_returns_raises_dies_and_stops_as_told():
     import time
 
     from heads.sweep.apart import SecondProcess, SecondProcessError
-    assert SecondProcess(abs, -3, "abs").result() == 3
+    quick = SecondProcess(abs, -3, "abs")
+    assert quick.result() == 3 and quick.ready()
     failing = SecondProcess(int, "x", "int")
     with pytest.raises(ValueError, match="invalid literal"):       # the child's exception, raised here
         failing.result()
@@ -296,6 +297,7 @@ def test_second_process_returns_raises_dies_and_stops_as_told():
     with pytest.raises(SecondProcessError, match="exit code 3"):
         dying.result()
     sleeping = SecondProcess(time.sleep, 60, "sleep")
+    assert not sleeping.ready()
     start = time.perf_counter()
     sleeping.stop()
     assert time.perf_counter() - start < 10 and not sleeping._process.is_alive()

@@ -68,6 +68,10 @@ class SecondProcess:
         child_conn.close()
         self._message = None
 
+    def ready(self) -> bool:
+        """Whether the child has finished (result() will not wait)."""
+        return self._message is not None or self._conn.poll()
+
     def result(self):
         """Waits for the child; its return value, or the exception it raised (SecondProcessError if it died)."""
         if self._message is None:

@@ -234,6 +234,8 @@ def _baseline_rows(session: Session, run: CompareRun, compare: CompareSettings, 
     for method in tqdm(sorted(methods, key=lambda m: m in away), desc="baselines", unit="method", leave=False,
                        disable=not session.progress):
         if method in away:
+            if not apart.ready():
+                log.info(f"waiting for the second process ({apart.what})")
             seconds.update(apart.result())        # the second process's methods: wait, then read their rows
             done = rundir.read_part(run.out, method, run.digest)
             if done is None:
