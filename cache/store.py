@@ -50,6 +50,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import threading
+
 import h5py
 import numpy as np
 import torch
@@ -58,6 +60,12 @@ import zarr
 from .lock import acquire as acquire_lock
 
 FORMAT_VERSION = 2
+# zarr's settings for reading a block of many chunks: more chunk reads in flight and decoded per batch than zarr's
+# defaults (10 and 1), which spend most of a block's read in per-chunk scheduling (bench/cache_load.py). In force
+# while a block's array is opened (zarr builds its read pipeline then) and read, not otherwise (a lock keeps the
+# stream's reader thread and this one from undoing each other's setting): the process's zarr settings stay its own.
+ZARR_BLOCK_READS = {"async.concurrency": 64, "codec_pipeline.batch_size": 64}
+_BLOCK_READ = threading.Lock()
 READABLE_VERSIONS = (1, 2)   # version 1: no chunk checksums; costs and class names outside the fingerprint
 FORMATS = ("zarr", "hdf5")
 DEFAULT_CHUNK_ROWS = 64
@@ -184,9 +192,13 @@ def checksum(rows: np.ndarray) -> int:
 
 
 def nonfinite_rows(block: np.ndarray) -> np.ndarray:
-    """Indices of the rows of a float16 block holding NaN/Inf (exponent bits all set: cheaper than isfinite)."""
-    bits = np.ascontiguousarray(block).view(np.uint16).reshape(len(block), -1)
-    return np.flatnonzero(((bits & 0x7C00) == 0x7C00).any(axis=1))
+    """Indices of the rows of a float16 block holding NaN/Inf (exponent bits all set: cheaper than isfinite). The
+    rows are looked for only when the block's largest masked exponent says there are any, the usual case being
+    none."""
+    exponents = np.bitwise_and(np.ascontiguousarray(block).view(np.uint16), 0x7C00)
+    if exponents.size == 0 or exponents.max() < 0x7C00:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero((exponents.reshape(len(block), -1) == 0x7C00).any(axis=1))
 
 
 def num_chunks(layout: dict, split: str) -> int:
@@ -766,16 +778,19 @@ class Cache:
 
         def refuse(r0, r1, what):
             raise CacheError(f"{self.path}: {split}/{name} rows {r0}:{r1} (chunk {r0 // rows}) {what}; {hint}")
-        a = self._store.array(f"{split}/{name}")
-        try:
-            block = np.asarray(a[start:stop])
-        except Exception:   # zarr/h5py raise many kinds for a truncated or corrupt chunk file: find which
+        with _BLOCK_READ, zarr.config.set(ZARR_BLOCK_READS):
+            a = self._store.array(f"{split}/{name}")      # zarr builds the array's read pipeline here
+            try:
+                block, failed = np.asarray(a[start:stop]), None
+            except Exception as err:   # zarr/h5py raise many kinds for a truncated or corrupt chunk file
+                block, failed = None, err
+        if failed is not None:         # find which chunk
             for r0, r1 in row_blocks(stop - start, rows):
                 try:
                     a[start + r0:start + r1]
                 except Exception as err:
                     refuse(start + r0, start + r1, f"cannot be read ({_first_line(err)})")
-            raise
+            raise failed
         if name == "labels":
             bad = np.flatnonzero((block < 0) | (block >= self.num_classes))
             what = f"has a label outside [0, {self.num_classes})"
