@@ -46,11 +46,10 @@ import json
 import logging
 import os
 import shutil
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import threading
 
 import h5py
 import numpy as np
