@@ -417,7 +417,7 @@ def compare_cmd(methods, lambdas, one_process, cache_path, out, overwrite, progr
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     result = _run(lambda: run_compare(_cache(cache_path), compare, settings, out, overwrite=overwrite,
-                                      progress=progress, memory=memory, parallel=False if one_process else None))
+                                      progress=progress, memory=memory, parallel=not one_process))
     _summarise(result, board)
     _matched(result.rows, result.path, "test")
 

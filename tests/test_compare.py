@@ -223,7 +223,7 @@ def test_a_second_process_trains_boosted_and_l2w_with_the_one_process_numbers(ca
         torch.set_num_threads(2)
         trained = trained_methods(monkeypatch)
         caplog.set_level(logging.INFO, logger="heads")
-        two = run_compare(cache, job, SETTINGS, tmp_path / "two", progress=False, parallel=None)
+        two = run_compare(cache, job, SETTINGS, tmp_path / "two", progress=False, parallel=True)
         assert torch.get_num_threads() == 2                      # given back after the run
     finally:
         torch.set_num_threads(before)
@@ -257,10 +257,10 @@ def test_an_interrupt_stops_the_second_process_and_the_rerun_finishes_the_same(c
         with monkeypatch.context() as m:
             m.setattr(compare_module, "_jei_groups", interrupted)
             with pytest.raises(KeyboardInterrupt):
-                run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, parallel=None)
+                run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, parallel=True)
         assert len(started) == 1 and not started[0]._process.is_alive()
         assert torch.get_num_threads() == 2
-        again = run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, parallel=None)
+        again = run_compare(cache, job, SETTINGS, tmp_path / "r", progress=False, parallel=True)
     finally:
         torch.set_num_threads(before)
     assert numbers(again.rows) == numbers(want.rows)
@@ -277,7 +277,7 @@ def test_no_second_process_when_the_splits_do_not_fit_twice(cache, tmp_path, mon
     try:
         torch.set_num_threads(2)
         run_compare(cache, CompareSettings(LAMBDAS, ("boosted",), ()), SETTINGS, tmp_path / "r", progress=False,
-                    memory=MemorySettings("resident", 1.5 * held / 2 ** 30), parallel=None)
+                    memory=MemorySettings("resident", 1.5 * held / 2 ** 30), parallel=True)
     finally:
         torch.set_num_threads(before)
     assert trained == ["boosted"]

@@ -291,21 +291,18 @@ def train_apart(job: ApartJob) -> dict:
 
 
 def _start_apart(cache_path, run: CompareRun, compare: CompareSettings, settings: TrainSettings, plan: MemoryPlan,
-                 reuse: bool, parallel: bool | None) -> SecondProcess | None:
+                 reuse: bool, parallel: bool) -> SecondProcess | None:
     """The second process for the APART methods still to train, or None (module doc: when it is used)."""
+    if not parallel or torch.device(settings.device).type != "cpu" or torch.get_num_threads() < 2:
+        return None
     methods = tuple(m for m in compare.methods if m in APART
                     and not (reuse and rundir.read_part(run.out, m, run.digest) is not None))
-    if not methods or parallel is False:
+    if not methods:
         return None
     held = sum(b for split, b in plan.split_bytes.items() if plan.resident[split])
-    too_big = 2 * held > plan.budget_bytes
-    why_not = ("stage two runs on " + settings.device if torch.device(settings.device).type != "cpu" else
-               "one thread (--threads)" if torch.get_num_threads() < 2 else
-               f"the resident splits ({held / 2 ** 30:.2f} GiB) do not fit twice in the memory budget "
-               f"({plan.budget_bytes / 2 ** 30:.2f} GiB, --memory-budget)" if too_big else None)
-    if why_not is not None:
-        if parallel or too_big:
-            log.info(f"{', '.join(methods)} train in this process: {why_not}")
+    if 2 * held > plan.budget_bytes:   # said, being the one reason a user can act on
+        log.info(f"{', '.join(methods)} train in this process: the resident splits ({held / 2 ** 30:.2f} GiB) do "
+                 f"not fit twice in the memory budget ({plan.budget_bytes / 2 ** 30:.2f} GiB, --memory-budget)")
         return None
     log.info(f"{', '.join(methods)} train in a second process on one of the {torch.get_num_threads()} threads")
     job = ApartJob(str(cache_path), str(run.out), run.digest, methods, settings, compare.baselines, plan)
@@ -313,11 +310,11 @@ def _start_apart(cache_path, run: CompareRun, compare: CompareSettings, settings
 
 
 def run_compare(cache_path, compare: CompareSettings, settings: TrainSettings, out, overwrite: bool = False,
-                progress: bool = True, memory: MemorySettings = MemorySettings(), parallel: bool | None = False
+                progress: bool = True, memory: MemorySettings = MemorySettings(), parallel: bool = False
                 ) -> RunResult:
     """Train, evaluate and record every requested method (module docstring); returns the run's rows. parallel:
-    None trains the APART methods in a second process when the machine allows it, False never (the default of
-    this function; the CLI asks for None), True says in the log why not when it cannot."""
+    train the APART methods in a second process when the machine allows it (the CLI's default; this function's
+    is False, one process)."""
     from cache.store import open_cache
 
     threads = torch.get_num_threads()
